@@ -1,0 +1,50 @@
+"""The ``triode`` command. Each subcommand lives in its own module with a ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from ..errors import TriodeError
+from . import node, ping
+
+__all__ = ["main"]
+
+#: Subcommand modules, in the order ``triode --help`` lists them. Each has
+#: ``register(subparsers)`` which sets ``func``: an async function of the parsed args
+#: returning the exit code.
+COMMANDS = [node, ping]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triode", description="A structured-concurrency execution engine for Trio."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        code = trio.run(args.func, args)
+    except KeyboardInterrupt:
+        return 130
+    except TriodeError as exc:
+        print(f"triode: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"triode: {exc}", file=sys.stderr)
+        return 1
+    return int(code or 0)

@@ -1,0 +1,66 @@
+"""``triode node``: serve until SIGINT or SIGTERM, then shut down gracefully and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from ..node import NodeConfig, open_node
+from .common import parse_size, read_token
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="run a node")
+    p.add_argument("--listen", metavar="ADDRESS", default="127.0.0.1:7420",
+                   help="HOST:PORT to serve on; port 0 picks one (default 127.0.0.1:7420)")
+    p.add_argument("--data", metavar="DIR", type=Path, help="data directory (default: $TRIODE_HOME or ~/.cache/triode)")
+    p.add_argument("--backing", metavar="ADDRESS", help="node whose storage backs this one")
+    p.add_argument("--peer", metavar="ADDRESS", action="append", default=[], help="seed peer (repeatable)")
+    p.add_argument("--max-concurrency", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="actions run at once (default: cores)")
+    p.add_argument("--max-queue", type=int, default=1000, metavar="N", help="queued actions (default 1000)")
+    p.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="local storage limit, e.g. 10GiB")
+    p.add_argument("--token-file", metavar="FILE", help="require clients to present this shared secret")
+    p.add_argument("--metrics", metavar="ADDRESS", help="serve Prometheus metrics over HTTP at HOST:PORT")
+    p.add_argument("--tls-cert", metavar="FILE", type=Path, help="serve TLS with this certificate chain")
+    p.add_argument("--tls-key", metavar="FILE", type=Path, help="private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="FILE", type=Path, help="CA bundle to verify TLS peers and backing")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="seconds calls in flight get to finish on shutdown (default 10)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    from .common import default_home
+
+    return NodeConfig(
+        listen=args.listen,
+        data=args.data or default_home(),
+        backing=args.backing,
+        peers=tuple(args.peer),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        cache_size=args.cache_size,
+        token=read_token(args.token_file),
+        metrics=args.metrics,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config) as node:
+            print(f"listening on {node.address}", file=sys.stderr, flush=True)
+            async for signum in signals:
+                print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                break
+    return 0

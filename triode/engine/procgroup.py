@@ -1,0 +1,147 @@
+"""Processes in their own process group, always stopped, reaped and closed.
+
+This is the one place Triode starts a child process. :func:`open_process_group`
+starts it in a new session (so it leads a process group that holds its whole tree)
+and, however the block is left (normal exit, error, timeout, cancellation), stops
+the group: SIGTERM, a grace period, SIGKILL, then the leader is reaped and every
+pipe closed, shielded from cancellation so it cannot be skipped. The Go systems this
+replaces returned early on cancellation and left readers, pipes and processes behind;
+here the cleanup is not a code path someone can forget, it is the end of the block.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+__all__ = ["open_process_group", "stop_group", "group_alive", "KILL_WAIT"]
+
+#: How long we wait for a SIGKILLed group to disappear before giving up on it. A
+#: process in uninterruptible sleep (D state) can outlive SIGKILL for a while; we
+#: do not hang on it forever.
+KILL_WAIT = 10.0
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+
+
+def _members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a group, read from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry.name))
+    return found
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a reused pgid owned by someone else
+        return False
+    return bool(_members(pgid))
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _wait_group_gone(pgid: int) -> None:
+    delay = 0.001
+    while group_alive(pgid):
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def stop_group(proc: trio.Process, grace: float) -> None:
+    """SIGTERM the group, wait up to ``grace`` seconds, SIGKILL what is left, reap the leader.
+
+    Call it shielded: it must finish even when the caller is being cancelled.
+    """
+    pgid = proc.pid
+    if group_alive(pgid):
+        if grace > 0:
+            _killpg(pgid, signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await _wait_group_gone(pgid)
+        if group_alive(pgid):
+            _killpg(pgid, signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT):
+                await _wait_group_gone(pgid)
+    if proc.returncode is None:
+        # The leader left its group (setsid) or ignored the group signal: kill it by pid.
+        try:
+            proc.kill()
+        except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
+            pass
+    await proc.wait()
+
+
+async def _close_pipes(proc: trio.Process) -> None:
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            await stream.aclose()
+
+
+@asynccontextmanager
+async def open_process_group(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | os.PathLike[str] | None = None,
+    stdin: int | None = DEVNULL,
+    stdout: int | None = PIPE,
+    stderr: int | None = PIPE,
+    grace: float = 5.0,
+    **options: Any,
+) -> AsyncIterator[trio.Process]:
+    """Start ``argv`` as the leader of a new session and yield its :class:`trio.Process`.
+
+    ``env`` is the whole environment of the child: nothing of ours leaks into it.
+    Leaving the block stops the group (see :func:`stop_group`) and closes the pipes.
+    """
+    if not argv:
+        raise ValueError("argv must name a program")
+    if math.isnan(grace) or grace < 0:
+        raise ValueError("grace must be a non-negative number of seconds")
+    proc = await trio.lowlevel.open_process(
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        close_fds=True,
+        **options,
+    )
+    try:
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await stop_group(proc, grace)
+            finally:
+                await _close_pipes(proc)

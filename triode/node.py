@@ -1,0 +1,241 @@
+"""A node: the wire protocol on a TCP listener, with storage, engine and sched behind it.
+
+:func:`open_node` composes the parts in one nursery. Each part is an async context
+manager that takes the node, adds its methods to ``node.router`` and its figures to
+``node.info()``; leaving :func:`open_node` stops accepting, lets calls in flight
+finish for a grace period, cancels the rest and closes every part in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from . import __version__
+from .client import Client, client_config, open_client
+from .errors import InvalidArgument, TriodeError
+from .wire.connection import Connection, ConnectionConfig, IncomingCall, open_connection
+from .wire.router import Router
+from .wire.transport import format_address, parse_address
+
+__all__ = ["NodeConfig", "Node", "Part", "open_node"]
+
+log = logging.getLogger("triode.node")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything ``triode node`` takes on its command line, and a little more."""
+
+    #: ``HOST:PORT`` to serve on (port 0 picks one); None serves only in-process clients.
+    listen: str | None = "127.0.0.1:0"
+    #: Data directory (CAS, action cache, work dirs); None keeps storage in memory.
+    data: Path | None = None
+    #: A node whose storage backs ours (write-through, read-through).
+    backing: str | None = None
+    #: Seed peers of the cluster.
+    peers: tuple[str, ...] = ()
+    max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_queue: int = 1000
+    #: Local storage limit in bytes (None: unlimited).
+    cache_size: int | None = None
+    #: Shared secret clients must present; also presented to backing and peer nodes.
+    token: str | None = None
+    #: ``HOST:PORT`` for the Prometheus metrics endpoint.
+    metrics: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: CA bundle to verify peers and backing nodes that use TLS.
+    tls_ca: Path | None = None
+    node_id: str | None = None
+    #: Seconds calls in flight may take to finish once the node is asked to stop.
+    shutdown_grace: float = 10.0
+    max_connections: int = 1024
+    #: Connection settings (keepalive, windows, limits) for every connection the node serves.
+    connection: dict[str, Any] = field(default_factory=dict)
+
+
+class Part(Protocol):
+    """One part of a node (storage, engine, tools, sched): it reports its own figures."""
+
+    name: str
+
+    def info(self) -> dict[str, Any]: ...
+
+
+#: The parts a node is made of, in start order; each is opened with the node and
+#: may use the parts opened before it (``node.parts[name]``).
+PartFactory = Callable[["Node"], AbstractAsyncContextManager[Part]]
+PARTS: list[PartFactory] = []
+
+
+class Node:
+    """A running node. Get one from :func:`open_node`."""
+
+    def __init__(self, config: NodeConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.id = config.node_id or f"node-{uuid.uuid4().hex[:12]}"
+        self.router = Router()
+        self.parts: dict[str, Part] = {}
+        self.address: str | None = None
+        self.started = time.time()
+        self._nursery = nursery
+        self._serving: trio.Nursery = nursery  # replaced by open_node once parts are up
+        self._connections: set[Connection] = set()
+        self._conn_config = replace(
+            ConnectionConfig(node_id=self.id, required_token=config.token), **config.connection
+        )
+        self.router.add("node.ping", self._ping)
+        self.router.add("node.info", self._info)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The node's own nursery: tasks started here live exactly as long as the node."""
+        return self._nursery
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for connections this node makes (to backing nodes and peers)."""
+        if self.config.tls_ca is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.config.tls_ca))
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "node": self.id,
+            "version": __version__,
+            "address": self.address,
+            "uptime": time.time() - self.started,
+            "connections": len(self._connections),
+            "methods": list(self.router),
+        }
+        for name, part in self.parts.items():
+            info[name] = part.info()
+        return info
+
+    async def _ping(self, call: IncomingCall) -> None:
+        return None
+
+    async def _info(self, call: IncomingCall) -> dict[str, Any]:
+        return self.info()
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[Client]:
+        """A client of this node in the same process, over a socket pair (no TCP, no token)."""
+        ours, theirs = trio.socket.socketpair()
+        server_stream = trio.SocketStream(theirs)
+        config = replace(self._conn_config, required_token=None)
+        self._serving.start_soon(self._serve_connection, server_stream, config)
+        async with open_client(trio.SocketStream(ours), client_config(node_id=f"{self.id}-local")) as client:
+            yield client
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _serve_connection(self, stream: trio.abc.Stream, config: ConnectionConfig) -> None:
+        if len(self._connections) >= self.config.max_connections:
+            log.warning("refusing a connection: %d already open", len(self._connections))
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            async with open_connection(stream, config, handlers=self.router.get, initiator=False) as conn:
+                self._connections.add(conn)
+                try:
+                    await conn.wait_closed()
+                finally:
+                    self._connections.discard(conn)
+        except TriodeError as exc:
+            log.info("connection ended: %s", exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("connection lost: %r", exc)
+
+    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                self._serving.start_soon(self._serve_tls_or_plain, stream)
+
+    async def _serve_tls_or_plain(self, stream: trio.abc.Stream) -> None:
+        if self.config.tls_cert is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
+            stream = trio.SSLStream(stream, ctx, server_side=True)
+        await self._serve_connection(stream, self._conn_config)
+
+    async def _drain(self) -> None:
+        """Refuse new calls, let the ones in flight finish (bounded by shutdown_grace)."""
+        for conn in list(self._connections):
+            conn.drain()
+        with trio.move_on_after(self.config.shutdown_grace):
+            for conn in list(self._connections):
+                await conn.wait_idle()
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIterator[Node]:
+    """Start a node; leaving the block shuts it down gracefully and joins everything it started.
+
+    Pass a :class:`NodeConfig`, or its fields as keywords:
+    ``open_node(listen="127.0.0.1:0", data=Path("/var/lib/triode"))``.
+    """
+    if config is None:
+        config = NodeConfig(**options)
+    elif options:
+        config = replace(config, **options)
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("TLS needs both a certificate and a key")
+    async with trio.open_nursery() as nursery:
+        node = Node(config, nursery)
+        try:
+            async with AsyncExitStack() as parts:
+                for factory in PARTS:
+                    part = await parts.enter_async_context(factory(node))
+                    node.parts[part.name] = part
+                # Connections live in a nursery of their own, closed before the parts are,
+                # so no handler is still running when storage or the engine shuts down.
+                async with trio.open_nursery() as serving:
+                    node._serving = serving
+                    accept_scope = trio.CancelScope()
+                    if config.listen is not None:
+                        listeners = await _listen(config.listen)
+                        sockname = listeners[0].socket.getsockname()
+                        node.address = format_address(sockname[0], sockname[1])
+                        serving.start_soon(_accept_all, node, listeners, accept_scope)
+                    try:
+                        yield node
+                    except BaseException:
+                        serving.cancel_scope.cancel()
+                        raise
+                    accept_scope.cancel()
+                    await node._drain()
+                    serving.cancel_scope.cancel()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _listen(address: str) -> list[trio.SocketListener]:
+    host, port = parse_address(address)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+async def _accept_all(node: Node, listeners: list[trio.SocketListener], scope: trio.CancelScope) -> None:
+    with scope:
+        async with trio.open_nursery() as accepting:
+            for listener in listeners:
+                accepting.start_soon(node._accept, listener)

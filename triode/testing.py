@@ -1,0 +1,116 @@
+"""Test helpers that check the structured-concurrency guarantee: nothing outlives its block.
+
+Use :func:`no_leaks` around anything that starts tasks, opens files or sockets, or
+spawns processes. On the way out it asserts that every task, file descriptor and
+child process that appeared inside the block is gone. Resources are given a short
+grace period to go, since the kernel closes some things (zombies being reaped by a
+watcher, sockets in TIME_WAIT are not fds) a moment after the code that ended them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+__all__ = ["Snapshot", "snapshot", "no_leaks", "child_processes", "open_fds", "live_tasks"]
+
+
+def live_tasks() -> set[trio.lowlevel.Task]:
+    """Every task in this trio run, from the root down."""
+    found: set[trio.lowlevel.Task] = set()
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        if task is None or task in found:
+            continue
+        found.add(task)
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return found
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors and what they point at."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the fd listdir itself used, closed by now
+            continue
+    return fds
+
+
+def child_processes() -> dict[int, str]:
+    """Descendants of this process (children, grandchildren, zombies too) with their state."""
+    parents: dict[int, int] = {}
+    states: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        states[int(entry)] = fields[0].decode()
+    me = os.getpid()
+    out: dict[int, str] = {}
+    frontier = [me]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in out:
+                out[pid] = states[pid]
+                frontier.append(pid)
+    return out
+
+
+@dataclass
+class Snapshot:
+    tasks: set[trio.lowlevel.Task]
+    fds: dict[int, str]
+    children: dict[int, str]
+
+    def leaks_since(self, before: Snapshot) -> list[str]:
+        problems = []
+        new_tasks = self.tasks - before.tasks
+        if new_tasks:
+            problems.append("tasks still alive: " + ", ".join(sorted(t.name for t in new_tasks)))
+        new_fds = {fd: target for fd, target in self.fds.items() if before.fds.get(fd) != target}
+        if new_fds:
+            problems.append("file descriptors still open: " + ", ".join(
+                f"{fd} -> {target}" for fd, target in sorted(new_fds.items())))
+        new_children = {pid: st for pid, st in self.children.items() if pid not in before.children}
+        if new_children:
+            problems.append("child processes still there: " + ", ".join(
+                f"{pid} ({st})" for pid, st in sorted(new_children.items())))
+        return problems
+
+
+def snapshot() -> Snapshot:
+    """Tasks (needs a running trio), fds and child processes right now."""
+    return Snapshot(live_tasks(), open_fds(), child_processes())
+
+
+@asynccontextmanager
+async def no_leaks(grace: float = 2.0) -> AsyncIterator[None]:
+    """Assert that whatever the block started is gone when it ends.
+
+    Only things that appeared inside the block count; the calling task and anything
+    that existed before are ignored. Waits up to ``grace`` seconds for the kernel to
+    catch up before failing with a list of what leaked.
+    """
+    before = snapshot()
+    yield
+    with trio.move_on_after(grace):
+        while snapshot().leaks_since(before):
+            await trio.sleep(0.02)
+    problems = snapshot().leaks_since(before)
+    if problems:
+        raise AssertionError("leaked: " + "; ".join(problems))

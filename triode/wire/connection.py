@@ -1,0 +1,783 @@
+"""One Triode connection over any :class:`trio.abc.Stream`.
+
+After a hello from each side, either side may call the other. Calls are multiplexed
+by id (the side that opened the connection uses odd ids, the other even ones). A call
+may stream bytes in either direction; every stream is flow-controlled by credits the
+receiver grants, so a slow reader bounds the bytes in flight for its own call and
+never stalls the others. The caller's deadline travels with the call, and a caller
+that leaves (cancelled, timed out, or done early) sends CANCEL, which cancels the
+handler on the far side.
+
+Everything a connection starts lives in the nursery of :func:`open_connection`; the
+connection never cancels the body of that block: when it dies (peer gone, protocol
+error, dead peer) it fails the calls in flight with :class:`ConnectionClosed` instead.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .. import errors
+from ..errors import ConnectionClosed, ProtocolError, TriodeError
+from . import codec
+from .codec import CALL, CANCEL, CREDIT, DATA, END, ERROR, GOODBYE, HELLO, PING, PONG, REPLY
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ConnectionConfig",
+    "PeerHello",
+    "Connection",
+    "OutgoingCall",
+    "IncomingCall",
+    "Handler",
+    "open_connection",
+]
+
+log = logging.getLogger("triode.wire")
+
+PROTOCOL_VERSION = 1
+
+#: Frames that arrive before the hello is accepted are held to this size, so an
+#: unauthenticated peer cannot make us buffer a large frame.
+HELLO_MAX_FRAME = 64 * 1024
+
+_RECEIVE_SIZE = 256 * 1024
+
+Handler = Callable[["IncomingCall"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """What one side of a connection promises and demands. Every limit is per connection."""
+
+    node_id: str
+    #: Token we present in our hello (as a client).
+    token: str | None = None
+    #: Token we demand from the peer's hello (as a node); None accepts anyone.
+    required_token: str | None = None
+    features: frozenset[str] = frozenset({"zstd"})
+    #: Initial credit, in bytes, we grant the peer on each stream it sends us.
+    window: int = 1024 * 1024
+    #: Largest frame body we accept.
+    max_frame: int = codec.DEFAULT_MAX_FRAME
+    #: Calls the peer may have open with us at once; more are refused RESOURCE_EXHAUSTED.
+    max_calls: int = 256
+    #: Largest DATA chunk we send.
+    max_chunk: int = 256 * 1024
+    #: Bytes queued for the socket before senders of streams and replies must wait.
+    send_buffer: int = 4 * 1024 * 1024
+    #: Send a PING after this many idle seconds; declare the peer dead after dead_after.
+    keepalive_interval: float = 10.0
+    dead_after: float = 30.0
+    handshake_timeout: float = 10.0
+
+    def hello(self) -> dict[str, Any]:
+        hello: dict[str, Any] = {
+            "version": PROTOCOL_VERSION,
+            "node": self.node_id,
+            "features": sorted(self.features),
+            "window": self.window,
+            "max_frame": self.max_frame,
+            "max_calls": self.max_calls,
+        }
+        if self.token is not None:
+            hello["token"] = self.token
+        return hello
+
+
+@dataclass(frozen=True)
+class PeerHello:
+    """What the far side said about itself in its hello."""
+
+    version: int
+    node: str
+    features: frozenset[str]
+    window: int
+    max_frame: int
+    max_calls: int
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> PeerHello:
+        def need(key: str, typ: type, check: Callable[[Any], bool], what: str) -> Any:
+            value = body.get(key)
+            if type(value) is not typ or not check(value):
+                raise ProtocolError(f"hello field {key!r} must be {what}, got {value!r}")
+            return value
+
+        version = need("version", int, lambda v: v >= 0, "a protocol version number")
+        if version != PROTOCOL_VERSION:
+            raise errors.IncompatibleVersion(
+                f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}; "
+                "upgrade the older of the two",
+                peer_version=version,
+                version=PROTOCOL_VERSION,
+            )
+        features = need("features", list, lambda v: all(isinstance(f, str) for f in v), "a list of strings")
+        token = body.get("token")
+        if token is not None and not isinstance(token, str):
+            raise ProtocolError("hello field 'token' must be a string")
+        return cls(
+            version=version,
+            node=need("node", str, lambda v: 0 < len(v) <= 256, "a node id of 1-256 characters"),
+            features=frozenset(features),
+            window=need("window", int, lambda v: 1024 <= v <= 2**30, "1 KiB to 1 GiB"),
+            max_frame=need("max_frame", int, lambda v: 64 * 1024 <= v <= 2**31, "64 KiB to 2 GiB"),
+            max_calls=need("max_calls", int, lambda v: 1 <= v <= 65536, "1 to 65536"),
+            token=token,
+        )
+
+
+def _wire_error(exc: BaseException) -> TriodeError | None:
+    """The TriodeError to report for an exception raised by a handler (None: a bug)."""
+    if isinstance(exc, TriodeError):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return errors.DeadlineExceeded(f"timed out: {exc}" if str(exc) else "timed out")
+    if isinstance(exc, BaseExceptionGroup):
+        for leaf in exc.exceptions:
+            found = _wire_error(leaf)
+            if found is not None:
+                return found
+    return None
+
+
+class _Inbound:
+    """Bytes arriving on one call, buffered up to the credit we granted."""
+
+    __slots__ = ("_conn", "_id", "_chunks", "_ended", "_error", "_lot", "_allowance", "_consumed")
+
+    def __init__(self, conn: Connection, call_id: int, *, open_: bool) -> None:
+        self._conn = conn
+        self._id = call_id
+        self._chunks: deque[bytes] = deque()
+        self._ended = not open_
+        self._error: TriodeError | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+        self._allowance = conn.config.window
+        self._consumed = 0
+
+    def on_data(self, chunk: bytes) -> None:
+        if self._ended:
+            raise ProtocolError(f"DATA on call {self._id} after its stream ended")
+        if len(chunk) > self._allowance:
+            raise ProtocolError(
+                f"peer sent {len(chunk)} bytes on call {self._id} with only {self._allowance} of credit"
+            )
+        self._allowance -= len(chunk)
+        self._chunks.append(chunk)
+        self._lot.unpark_all()
+
+    def on_end(self) -> None:
+        self._ended = True
+        self._lot.unpark_all()
+
+    def fail(self, error: TriodeError) -> None:
+        if self._error is None:
+            self._error = error
+        self._ended = True
+        self._lot.unpark_all()
+
+    async def receive(self) -> bytes | None:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            await self._lot.park()
+        chunk = self._chunks.popleft()
+        self._consumed += len(chunk)
+        window = self._conn.config.window
+        if self._consumed >= window // 2 and not self._ended:
+            self._allowance += self._consumed
+            self._conn._send_nowait(codec.encode([CREDIT, self._id, self._consumed]))
+            self._consumed = 0
+        return chunk
+
+
+class _Outbound:
+    """Credit for the bytes we may still send on one call."""
+
+    __slots__ = ("_conn", "_id", "_credit", "_finished", "_lot")
+
+    def __init__(self, conn: Connection, call_id: int) -> None:
+        self._conn = conn
+        self._id = call_id
+        self._credit = conn.peer.window
+        self._finished = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def on_credit(self, n: int) -> None:
+        self._credit += n
+        self._lot.unpark_all()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._lot.unpark_all()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> bool:
+        conn = self._conn
+        view = memoryview(data).cast("B")
+        chunk_limit = min(conn.config.max_chunk, conn.peer.max_frame - 64)
+        while view:
+            while self._credit <= 0 and not self._finished:
+                conn._check_open()
+                await self._lot.park()
+            if self._finished:
+                return False
+            n = min(len(view), self._credit, chunk_limit)
+            self._credit -= n
+            await conn._send_frame(codec.encode_data(self._id, view[:n]))
+            view = view[n:]
+        return not self._finished
+
+
+class OutgoingCall:
+    """The caller's side of a streaming call (from :meth:`Connection.open_call`)."""
+
+    def __init__(self, conn: Connection, call_id: int, method: str, *, upload: bool) -> None:
+        self.id = call_id
+        self.method = method
+        self._conn = conn
+        self._upload = upload
+        self._upload_ended = not upload
+        self._inbound = _Inbound(conn, call_id, open_=True)
+        self._outbound = _Outbound(conn, call_id)
+        self._outcome: tuple[bool, Any] | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def done(self) -> bool:
+        """Whether the far side has answered (a result or an error)."""
+        return self._outcome is not None
+
+    async def send(self, data: bytes | bytearray | memoryview) -> bool:
+        """Upload bytes. False once the far side has answered and wants no more."""
+        if self._upload_ended:
+            raise RuntimeError("send() after end(), or on a call opened without upload=True")
+        return await self._outbound.send(data)
+
+    def end(self) -> None:
+        """Mark the end of the upload."""
+        if not self._upload_ended:
+            self._upload_ended = True
+            if self._outcome is None:
+                self._conn._send_nowait(codec.encode([END, self.id]))
+
+    async def receive(self) -> bytes | None:
+        """The next downloaded chunk; None at the end of the stream."""
+        return await self._inbound.receive()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._inbound.receive()) is not None:
+            yield chunk
+
+    async def result(self) -> Any:
+        """Wait for the far side's answer (ending the upload first if still open)."""
+        self.end()
+        while self._outcome is None:
+            await self._lot.park()
+        ok, value = self._outcome
+        if ok:
+            return value
+        raise errors.from_wire(*value)
+
+    # -- driven by the connection ------------------------------------------------------
+
+    def _resolve(self, ok: bool, value: Any) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = (ok, value)
+        self._outbound.finish()
+        if ok:
+            self._inbound.on_end()
+        else:
+            self._inbound.fail(errors.from_wire(*value))
+        self._lot.unpark_all()
+
+
+class IncomingCall:
+    """The handler's side of a call: its arguments, the upload, and the download stream."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        call_id: int,
+        method: str,
+        args: Any,
+        *,
+        upload: bool,
+        download: bool,
+        deadline: float,
+    ) -> None:
+        self.id = call_id
+        self.method = method
+        self.args = args
+        self.connection = conn
+        self.deadline = deadline
+        self.download = download
+        self._inbound = _Inbound(conn, call_id, open_=upload)
+        self._outbound = _Outbound(conn, call_id)
+        self._scope = trio.CancelScope(deadline=deadline)
+        self._cancel_requested = False
+
+    @property
+    def peer(self) -> PeerHello:
+        return self.connection.peer
+
+    async def receive(self) -> bytes | None:
+        """The next uploaded chunk; None at the end of the upload."""
+        return await self._inbound.receive()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._inbound.receive()) is not None:
+            yield chunk
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Stream bytes back to the caller (who must have opened the call with open_call)."""
+        if not self.download:
+            raise errors.InvalidArgument(
+                f"{self.method} streams its result; call it with open_call(), not call()"
+            )
+        await self._outbound.send(data)
+
+    def end(self) -> None:
+        """Mark the end of the download before the reply (optional: the reply ends it too)."""
+        self.connection._send_nowait(codec.encode([END, self.id]))
+
+
+class Connection:
+    """A live, handshaken connection. Make one with :func:`open_connection`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        config: ConnectionConfig,
+        handlers: Callable[[str], Handler | None] | None,
+        *,
+        initiator: bool,
+    ) -> None:
+        self.stream = stream
+        self.config = config
+        self._lookup = handlers
+        self._initiator = initiator
+        self._ids = itertools.count(1 if initiator else 2, 2)
+        self._peer_parity = 0 if initiator else 1
+        self.peer: PeerHello  # set by the handshake
+        self._calls: dict[int, OutgoingCall] = {}
+        self._served: dict[int, IncomingCall] = {}
+        self._decoder = codec.Decoder(HELLO_MAX_FRAME)
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._space_lot = trio.lowlevel.ParkingLot()
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+        self._served_idle = trio.Event()
+        self._served_idle.set()
+        self.close_reason: ConnectionClosed | None = None
+        self._draining = False
+        self._peer_draining = False
+        self._call_slots: trio.Semaphore | None = None
+        self._last_receive = 0.0
+        self._ping_nonce = itertools.count()
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def features(self) -> frozenset[str]:
+        """Features both sides support."""
+        return self.config.features & self.peer.features
+
+    @property
+    def serving(self) -> int:
+        """Calls from the peer that we are handling right now."""
+        return len(self._served)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def call(self, method: str, args: Any = None) -> Any:
+        """A unary call: send ``args``, return the result or raise the far side's error.
+
+        The caller's deadline (its enclosing cancel scopes) travels with the call.
+        """
+        async with self._start_call(method, args, upload=False, download=False) as call:
+            return await call.result()
+
+    @asynccontextmanager
+    async def open_call(
+        self, method: str, args: Any = None, *, upload: bool = False
+    ) -> AsyncIterator[OutgoingCall]:
+        """A streaming call. Leaving the block before the answer cancels it on the far side."""
+        async with self._start_call(method, args, upload=upload, download=True) as call:
+            yield call
+
+    def drain(self) -> None:
+        """Tell the peer we start no new calls and accept none; calls in flight go on."""
+        if not self._draining and not self.closed:
+            self._draining = True
+            self._send_nowait(codec.encode([GOODBYE, "node is shutting down"]))
+
+    async def wait_idle(self) -> None:
+        """Wait until no call from the peer is being handled."""
+        while self._served:
+            await self._served_idle.wait()
+
+    def close(self, reason: str = "connection closed by this side") -> None:
+        """Close now: calls in flight fail with ConnectionClosed, handlers are cancelled."""
+        self._close(ConnectionClosed(reason))
+
+    # -- calls we make ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.close_reason is not None:
+            raise ConnectionClosed(self.close_reason.message, **self.close_reason.details)
+
+    @asynccontextmanager
+    async def _start_call(
+        self, method: str, args: Any, *, upload: bool, download: bool
+    ) -> AsyncIterator[OutgoingCall]:
+        self._check_open()
+        if self._peer_draining:
+            raise ConnectionClosed(f"node {self.peer.node} is shutting down", node=self.peer.node)
+        meta: dict[str, Any] = {}
+        deadline = trio.current_effective_deadline()
+        if deadline != math.inf:
+            meta["timeout"] = max(deadline - trio.current_time(), 0.0)
+        if upload:
+            meta["up"] = True
+        if download:
+            meta["down"] = True
+        assert self._call_slots is not None
+        async with self._call_slots:
+            call_id = next(self._ids)
+            frame = codec.encode([CALL, call_id, method, args, meta])
+            call = OutgoingCall(self, call_id, method, upload=upload)
+            self._calls[call_id] = call
+            try:
+                await self._send_frame(frame)
+                yield call
+            finally:
+                del self._calls[call_id]
+                if call._outcome is None:
+                    call._resolve(False, ("CANCELLED", "call left before its answer", {}))
+                    if self.close_reason is None:
+                        self._send_nowait(codec.encode([CANCEL, call_id]))
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def _send_nowait(self, frame: bytes) -> None:
+        """Queue a small control frame; these are bounded by the calls in flight."""
+        if self.close_reason is None:
+            self._out.append(frame)
+            self._out_bytes += len(frame)
+            self._writer_lot.unpark()
+
+    async def _send_frame(self, frame: bytes) -> None:
+        """Queue a frame once the send buffer has room (backpressure for data and replies)."""
+        while self._out_bytes >= self.config.send_buffer:
+            self._check_open()
+            await self._space_lot.park()
+        self._check_open()
+        self._send_nowait(frame)
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._out:
+                await self._writer_lot.park()
+            batch, self._out = self._out, []
+            size = sum(map(len, batch))
+            await self.stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            self._out_bytes -= size
+            self._space_lot.unpark_all()
+
+    # -- the reader ------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        decoder = self._decoder
+        while True:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                raise ConnectionClosed(f"node {self.peer.node} closed the connection", node=self.peer.node)
+            self._last_receive = trio.current_time()
+            decoder.receive_data(data)
+            while (message := decoder.next_message()) is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, m: list[Any]) -> None:
+        kind = m[0]
+        if kind == DATA:
+            inbound = self._inbound_for(m[1])
+            if inbound is not None:
+                inbound.on_data(m[2])
+        elif kind == CALL:
+            self._on_call(m[1], m[2], m[3], m[4])
+        elif kind == REPLY:
+            call = self._calls.get(m[1])
+            if call is not None:
+                call._resolve(True, m[2])
+        elif kind == ERROR:
+            if m[1] == 0:
+                raise errors.from_wire(m[2], m[3], m[4])
+            call = self._calls.get(m[1])
+            if call is not None:
+                call._resolve(False, (m[2], m[3], m[4]))
+        elif kind == CREDIT:
+            out = self._outbound_for(m[1])
+            if out is not None:
+                out.on_credit(m[2])
+        elif kind == END:
+            inbound = self._inbound_for(m[1])
+            if inbound is not None:
+                inbound.on_end()
+        elif kind == CANCEL:
+            served = self._served.get(m[1])
+            if served is not None:
+                served._cancel_requested = True
+                served._scope.cancel()
+        elif kind == PING:
+            self._send_nowait(codec.encode([PONG, m[1]]))
+        elif kind == PONG:
+            pass
+        elif kind == GOODBYE:
+            self._peer_draining = True
+        else:  # HELLO
+            raise ProtocolError(f"unexpected {codec.KIND_NAMES[kind]} after the handshake")
+
+    def _inbound_for(self, call_id: int) -> _Inbound | None:
+        # Frames for a call that has just finished are dropped: they crossed its end.
+        call = self._served.get(call_id) if call_id % 2 == self._peer_parity else self._calls.get(call_id)
+        return call._inbound if call is not None else None
+
+    def _outbound_for(self, call_id: int) -> _Outbound | None:
+        if call_id % 2 == self._peer_parity:
+            served = self._served.get(call_id)
+            return served._outbound if served is not None else None
+        call = self._calls.get(call_id)
+        return call._outbound if call is not None else None
+
+    # -- calls we serve --------------------------------------------------------------------
+
+    def _on_call(self, call_id: int, method: str, args: Any, meta: dict[str, Any]) -> None:
+        if call_id % 2 != self._peer_parity or call_id == 0:
+            raise ProtocolError(f"call id {call_id} has the wrong parity for this side")
+        if call_id in self._served:
+            raise ProtocolError(f"call id {call_id} is already in use")
+
+        def refuse(err: TriodeError) -> None:
+            code, message, details = err.to_wire()
+            self._send_nowait(codec.encode([ERROR, call_id, code, message, details]))
+
+        if self._draining:
+            return refuse(errors.Unavailable(f"node {self.config.node_id} is shutting down"))
+        if len(self._served) >= self.config.max_calls:
+            return refuse(
+                errors.ResourceExhausted(
+                    f"over {self.config.max_calls} calls in flight on one connection",
+                    retry_after=0.1,
+                )
+            )
+        handler = self._lookup(method) if self._lookup is not None else None
+        if handler is None:
+            return refuse(errors.Unimplemented(f"node {self.config.node_id} has no method {method!r}"))
+        timeout = meta.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout != timeout):
+            raise ProtocolError(f"CALL meta 'timeout' must be a number of seconds, got {timeout!r}")
+        deadline = trio.current_time() + max(timeout, 0.0) if timeout is not None else math.inf
+        call = IncomingCall(
+            self,
+            call_id,
+            method,
+            args,
+            upload=bool(meta.get("up")),
+            download=bool(meta.get("down")),
+            deadline=deadline,
+        )
+        self._served[call_id] = call
+        self._served_idle = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve, call, handler)
+
+    async def _serve(self, call: IncomingCall, handler: Handler) -> None:
+        frame: bytes | None = None
+        try:
+            with call._scope:
+                result = await handler(call)
+                frame = codec.encode([REPLY, call.id, result])
+            if call._scope.cancelled_caught and not call._cancel_requested and frame is None:
+                err: TriodeError = errors.DeadlineExceeded(
+                    f"{call.method} passed its deadline on node {self.config.node_id}"
+                )
+                frame = codec.encode([ERROR, call.id, *err.to_wire()])
+        except Exception as exc:
+            err_ = _wire_error(exc)
+            if err_ is None:
+                log.exception("handler for %s failed", call.method)
+                err_ = errors.Internal(f"{call.method} failed on node {self.config.node_id}: {exc!r}")
+            frame = codec.encode([ERROR, call.id, *err_.to_wire()])
+        finally:
+            del self._served[call.id]
+            call._outbound.finish()
+            if not self._served:
+                self._served_idle.set()
+        if frame is not None and not call._cancel_requested:
+            try:
+                await self._send_frame(frame)
+            except ConnectionClosed:
+                pass
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        """Exchange hellos. The initiator speaks first; the acceptor checks version and token."""
+        if self._initiator:
+            await self.stream.send_all(codec.encode([HELLO, self.config.hello()]))
+        message = await self._receive_one()
+        if message[0] == ERROR and message[1] == 0:
+            raise errors.from_wire(message[2], message[3], message[4])
+        if message[0] != HELLO:
+            raise ProtocolError(f"expected HELLO, got {codec.KIND_NAMES[message[0]]}")
+        try:
+            self.peer = PeerHello.parse(message[1])
+            required = self.config.required_token
+            if required is not None:
+                offered = self.peer.token or ""
+                if not hmac.compare_digest(offered.encode(), required.encode()):
+                    raise errors.AuthenticationFailed(
+                        f"node {self.config.node_id} requires a token and "
+                        + ("none was given" if not offered else "the one given is wrong")
+                        + " (pass the node's token with --token-file or token=)"
+                    )
+        except TriodeError as err:
+            if not self._initiator:
+                await self.stream.send_all(codec.encode([ERROR, 0, *err.to_wire()]))
+            raise
+        if not self._initiator:
+            await self.stream.send_all(codec.encode([HELLO, self.config.hello()]))
+        self._decoder.max_frame = self.config.max_frame
+        self._call_slots = trio.Semaphore(self.peer.max_calls)
+        self._last_receive = trio.current_time()
+
+    async def _receive_one(self) -> list[Any]:
+        while (message := self._decoder.next_message()) is None:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                raise ConnectionClosed("the peer closed the connection during the hello")
+            self._decoder.receive_data(data)
+        return message
+
+    async def _keepalive(self) -> None:
+        interval = self.config.keepalive_interval
+        while True:
+            await trio.sleep(interval)
+            idle = trio.current_time() - self._last_receive
+            if idle >= self.config.dead_after:
+                raise ConnectionClosed(
+                    f"node {self.peer.node} sent nothing for {idle:.1f}s and did not answer "
+                    "pings: presumed dead",
+                    node=self.peer.node,
+                )
+            if idle >= interval:
+                self._send_nowait(codec.encode([PING, next(self._ping_nonce) & 0x7FFFFFFF]))
+
+    async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run an internal task; whatever ends it closes the connection (never the caller)."""
+        try:
+            await fn()
+        except ConnectionClosed as exc:
+            self._close(exc)
+        except TriodeError as exc:
+            if isinstance(exc, ProtocolError) and self.close_reason is None:
+                log.warning("closing connection to %s: %s", self.peer.node, exc)
+                # Best effort: tell the peer why, then close.
+                self._send_nowait(codec.encode([ERROR, 0, *exc.to_wire()]))
+                with trio.move_on_after(1):
+                    while self._out_bytes:
+                        await self._space_lot.park()
+            self._close(ConnectionClosed(f"connection to {self.peer.node} failed: {exc}", node=self.peer.node))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._close(ConnectionClosed(f"lost the connection to {self.peer.node}: {exc!r}", node=self.peer.node))
+
+    def _close(self, reason: ConnectionClosed) -> None:
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        for call in list(self._calls.values()):
+            call._resolve(False, (reason.code, reason.message, reason.details))
+        for served in list(self._served.values()):
+            served._cancel_requested = True
+            served._scope.cancel()
+        self._space_lot.unpark_all()
+        self._scope.cancel()
+        self._closed.set()
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                await self._handshake()
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(self.stream)
+            raise ConnectionClosed(
+                f"no hello within {self.config.handshake_timeout}s of connecting"
+            ) from None
+        except BaseException:
+            await trio.aclose_forcefully(self.stream)
+            raise
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._guard, self._reader)
+                    nursery.start_soon(self._guard, self._writer)
+                    nursery.start_soon(self._guard, self._keepalive)
+                    task_status.started()
+        finally:
+            self._close(self.close_reason or ConnectionClosed("connection closed"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+
+@asynccontextmanager
+async def open_connection(
+    stream: trio.abc.Stream,
+    config: ConnectionConfig,
+    *,
+    handlers: Callable[[str], Handler | None] | None = None,
+    initiator: bool = True,
+) -> AsyncIterator[Connection]:
+    """Handshake over ``stream`` and serve it until the block is left.
+
+    ``handlers`` maps a method name to its handler (or None for an unknown method).
+    Leaving the block closes the connection, cancels the handlers it runs and joins
+    every task it started; the stream is closed too.
+    """
+    conn = Connection(stream, config, handlers, initiator=initiator)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn._run)
+        try:
+            yield conn
+        finally:
+            conn._close(ConnectionClosed("connection closed by this side"))
+

@@ -1,0 +1,39 @@
+"""The table of methods a node serves: name to handler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .connection import Handler
+
+__all__ = ["Router"]
+
+
+class Router:
+    """Maps method names (``"cas.put"``) to handlers. Each part of a node adds its own."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def add(self, name: str, handler: Handler) -> None:
+        if name in self._handlers:
+            raise ValueError(f"method {name!r} is registered twice")
+        self._handlers[name] = handler
+
+    def method(self, name: str):  # type: ignore[no-untyped-def]
+        """Decorator form of :meth:`add`."""
+
+        def register(handler: Handler) -> Handler:
+            self.add(name, handler)
+            return handler
+
+        return register
+
+    def get(self, name: str) -> Handler | None:
+        return self._handlers.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handlers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._handlers))
