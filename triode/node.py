@@ -28,7 +28,7 @@ from .wire.connection import Connection, ConnectionConfig, IncomingCall, open_co
 from .wire.router import Router
 from .wire.transport import format_address, parse_address
 
-__all__ = ["NodeConfig", "Node", "Part", "open_node"]
+__all__ = ["NodeConfig", "Node", "Part", "PartFactory", "open_node"]
 
 log = logging.getLogger("triode.node")
 
@@ -73,10 +73,18 @@ class Part(Protocol):
     def info(self) -> dict[str, Any]: ...
 
 
-#: The parts a node is made of, in start order; each is opened with the node and
-#: may use the parts opened before it (``node.parts[name]``).
 PartFactory = Callable[["Node"], AbstractAsyncContextManager[Part]]
-PARTS: list[PartFactory] = []
+
+
+def _load_parts() -> list[PartFactory]:
+    """The parts a node is made of, in start order (storage, engine, tools, sched).
+
+    Each is opened with the node and may use the parts opened before it
+    (``node.parts[name]``). Imported here, not at the top, so that the parts may
+    import this module's types without a cycle.
+    """
+    factories: list[PartFactory] = []
+    return factories
 
 
 class Node:
@@ -201,7 +209,7 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
         node = Node(config, nursery)
         try:
             async with AsyncExitStack() as parts:
-                for factory in PARTS:
+                for factory in _load_parts():
                     part = await parts.enter_async_context(factory(node))
                     node.parts[part.name] = part
                 # Connections live in a nursery of their own, closed before the parts are,

@@ -109,7 +109,7 @@ async def no_leaks(grace: float = 2.0) -> AsyncIterator[None]:
     before = snapshot()
     yield
     with trio.move_on_after(grace):
-        while snapshot().leaks_since(before):
+        while snapshot().leaks_since(before):  # noqa: ASYNC110 - the kernel has no event for "fd closed"
             await trio.sleep(0.02)
     problems = snapshot().leaks_since(before)
     if problems:

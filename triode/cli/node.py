@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run a node")
     p.add_argument("--listen", metavar="ADDRESS", default="127.0.0.1:7420",
                    help="HOST:PORT to serve on; port 0 picks one (default 127.0.0.1:7420)")
-    p.add_argument("--data", metavar="DIR", type=Path, help="data directory (default: $TRIODE_HOME or ~/.cache/triode)")
+    p.add_argument("--data", metavar="DIR", type=Path,
+                   help="data directory (default: $TRIODE_HOME or ~/.cache/triode)")
     p.add_argument("--backing", metavar="ADDRESS", help="node whose storage backs this one")
     p.add_argument("--peer", metavar="ADDRESS", action="append", default=[], help="seed peer (repeatable)")
     p.add_argument("--max-concurrency", type=int, default=os.cpu_count() or 1, metavar="N",

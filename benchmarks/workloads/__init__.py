@@ -1,0 +1,1 @@
+"""Workload modules; each defines functions decorated with ``@workload``."""
