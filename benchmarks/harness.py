@@ -218,7 +218,8 @@ def render_table(figures: Sequence[Figure]) -> str:
                 f.workload,
                 f"{f.figure} [{f.unit}]",
                 f"{_fmt(f.subject.median)} ({_fmt(f.subject.min)}-{_fmt(f.subject.max)})",
-                f"{f.baseline_label}: {_fmt(f.baseline.median)} ({_fmt(f.baseline.min)}-{_fmt(f.baseline.max)})",
+                f"{f.baseline_label}: {_fmt(f.baseline.median)} "
+                f"({_fmt(f.baseline.min)}-{_fmt(f.baseline.max)})",
                 f"{f.ratio:.2f}x",
                 target,
             )
@@ -238,7 +239,8 @@ def render_svg(figures: Sequence[Figure]) -> str:
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" '
         'font-family="sans-serif" font-size="12">',
-        f'<text x="4" y="16" font-weight="bold">triode / baseline (median ratio); | = target. {machine_line()}</text>',
+        f'<text x="4" y="16" font-weight="bold">triode / baseline (median ratio); '
+        f"| = target. {machine_line()}</text>",
     ]
     for i, f in enumerate(figures):
         y = 30 + i * row

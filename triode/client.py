@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from .engine import client as _engine_client
+from .engine.action import Action
+from .engine.client import LocalInputs
+from .engine.execute import ExecuteOutcome
+from .engine.tools.client import ToolsClient
 from .errors import Unavailable
+from .sched.client import Operations
+from .storage.remote import RemoteActionCache, RemoteCAS
 from .wire.connection import Connection, ConnectionConfig, open_connection
 from .wire.transport import open_stream
 
@@ -27,6 +36,10 @@ class Client:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        self.operations = Operations(connection)
+        self.cas = RemoteCAS(connection)
+        self.ac = RemoteActionCache(connection)
+        self.tools = ToolsClient(connection)
 
     @property
     def node_id(self) -> str:
@@ -42,6 +55,14 @@ class Client:
     async def info(self) -> dict[str, Any]:
         """The node's description: id, version, uptime, address, and each part's figures."""
         return await self.connection.call("node.info")
+
+    async def execute(self, action: Action, *, skip_cache: bool = False) -> ExecuteOutcome:
+        """Run ``action`` on the node (or answer it from the action cache); see docs/protocol.md."""
+        return await _engine_client.execute(self.connection, action, skip_cache=skip_cache)
+
+    async def upload_inputs(self, root: Path, paths: Iterable[str | os.PathLike[str]]) -> LocalInputs:
+        """Hash local files/dirs under ``root`` and upload what the node lacks: an action's inputs."""
+        return await _engine_client.upload_inputs(self.cas, root, paths)
 
     async def status(self) -> dict[str, Any]:
         """Alias of :meth:`info`, as ``triode status`` shows it."""

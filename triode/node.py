@@ -84,6 +84,15 @@ def _load_parts() -> list[PartFactory]:
     import this module's types without a cycle.
     """
     factories: list[PartFactory] = []
+    from .storage.part import open_storage
+    factories.append(open_storage)
+    from .engine.part import open_engine
+    factories.append(open_engine)
+    from .engine.tools.service import tools_part
+
+    factories.append(tools_part)
+    from .sched.service import open_sched
+    factories.append(open_sched)  # last: it routes execute through admission control
     return factories
 
 

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 import trio
 
 from ..errors import TriodeError
-from . import bench, node, ping
+from . import bench, cas, node, ping, run, status, tool
 
 __all__ = ["main"]
 
 #: Subcommand modules, in the order ``triode --help`` lists them. Each has
 #: ``register(subparsers)`` which sets ``func``: an async function of the parsed args
 #: returning the exit code.
-COMMANDS = [node, ping, bench]
+COMMANDS = [node, ping, cas, run, bench, tool, status]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,29 @@ class Digest:
             raise InvalidDigest(f"a digest on the wire is [hash, size], got {value!r}")
         return cls(value[0], value[1])
 
+    @classmethod
+    def from_wire_list(cls, values: list[Any]) -> list[Digest]:
+        """Many wire digests at once: the same checks as :meth:`from_wire`, without its per-call cost.
+
+        ``find_missing`` of 10,000 digests spends most of its time here, so the common
+        case skips the dataclass machinery; anything unusual goes through ``from_wire``
+        for its error message.
+        """
+        out = []
+        new = object.__new__
+        put = object.__setattr__
+        match = _HEX64.fullmatch
+        for v in values:
+            if type(v) is list and len(v) == 2 and type(v[0]) is str and type(v[1]) is int and v[1] >= 0 \
+                    and match(v[0]):
+                d = new(cls)
+                put(d, "hash", v[0])
+                put(d, "size", v[1])
+                out.append(d)
+            else:
+                out.append(cls.from_wire(v))
+        return out
+
     def to_wire(self) -> list[Any]:
         return [self.hash, self.size]
 

@@ -15,6 +15,7 @@ error, dead peer) it fails the calls in flight with :class:`ConnectionClosed` in
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import itertools
 import logging
@@ -51,7 +52,10 @@ PROTOCOL_VERSION = 1
 #: unauthenticated peer cannot make us buffer a large frame.
 HELLO_MAX_FRAME = 64 * 1024
 
-_RECEIVE_SIZE = 256 * 1024
+_RECEIVE_SIZE = 1024 * 1024
+
+#: Control frames (CREDIT, PONG, CANCEL, refusals) allowed to queue beyond the send buffer.
+CONTROL_SLACK = 1024 * 1024
 
 Handler = Callable[["IncomingCall"], Awaitable[Any]]
 
@@ -67,13 +71,13 @@ class ConnectionConfig:
     required_token: str | None = None
     features: frozenset[str] = frozenset({"zstd"})
     #: Initial credit, in bytes, we grant the peer on each stream it sends us.
-    window: int = 1024 * 1024
+    window: int = 4 * 1024 * 1024
     #: Largest frame body we accept.
     max_frame: int = codec.DEFAULT_MAX_FRAME
     #: Calls the peer may have open with us at once; more are refused RESOURCE_EXHAUSTED.
     max_calls: int = 256
     #: Largest DATA chunk we send.
-    max_chunk: int = 256 * 1024
+    max_chunk: int = 1024 * 1024
     #: Bytes queued for the socket before senders of streams and replies must wait.
     send_buffer: int = 4 * 1024 * 1024
     #: Send a PING after this many idle seconds; declare the peer dead after dead_after.
@@ -228,6 +232,9 @@ class _Outbound:
     async def send(self, data: bytes | bytearray | memoryview) -> bool:
         conn = self._conn
         view = memoryview(data).cast("B")
+        # An immutable buffer (bytes) is queued as it is and written straight from it;
+        # anything the caller could change after we return is copied first.
+        keep = view.readonly
         chunk_limit = min(conn.config.max_chunk, conn.peer.max_frame - 64)
         while view:
             while self._credit <= 0 and not self._finished:
@@ -237,7 +244,8 @@ class _Outbound:
                 return False
             n = min(len(view), self._credit, chunk_limit)
             self._credit -= n
-            await conn._send_frame(codec.encode_data(self._id, view[:n]))
+            piece = view[:n]
+            await conn._send_frame(codec.data_header(self._id, n), piece if keep else bytes(piece))
             view = view[n:]
         return not self._finished
 
@@ -245,14 +253,15 @@ class _Outbound:
 class OutgoingCall:
     """The caller's side of a streaming call (from :meth:`Connection.open_call`)."""
 
-    def __init__(self, conn: Connection, call_id: int, method: str, *, upload: bool) -> None:
+    def __init__(self, conn: Connection, call_id: int, method: str, *, upload: bool, download: bool) -> None:
         self.id = call_id
         self.method = method
         self._conn = conn
         self._upload = upload
         self._upload_ended = not upload
-        self._inbound = _Inbound(conn, call_id, open_=True)
-        self._outbound = _Outbound(conn, call_id)
+        # A unary call has no streams: their state is only made for the directions in use.
+        self._inbound = _Inbound(conn, call_id, open_=True) if download else None
+        self._outbound = _Outbound(conn, call_id) if upload else None
         self._outcome: tuple[bool, Any] | None = None
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -263,7 +272,7 @@ class OutgoingCall:
 
     async def send(self, data: bytes | bytearray | memoryview) -> bool:
         """Upload bytes. False once the far side has answered and wants no more."""
-        if self._upload_ended:
+        if self._upload_ended or self._outbound is None:
             raise RuntimeError("send() after end(), or on a call opened without upload=True")
         return await self._outbound.send(data)
 
@@ -276,13 +285,14 @@ class OutgoingCall:
 
     async def receive(self) -> bytes | None:
         """The next downloaded chunk; None at the end of the stream."""
+        assert self._inbound is not None  # open_call always opens the download
         return await self._inbound.receive()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._inbound.receive()) is not None:
+        while (chunk := await self.receive()) is not None:
             yield chunk
 
     async def result(self) -> Any:
@@ -301,11 +311,13 @@ class OutgoingCall:
         if self._outcome is not None:
             return
         self._outcome = (ok, value)
-        self._outbound.finish()
-        if ok:
-            self._inbound.on_end()
-        else:
-            self._inbound.fail(errors.from_wire(*value))
+        if self._outbound is not None:
+            self._outbound.finish()
+        if self._inbound is not None:
+            if ok:
+                self._inbound.on_end()
+            else:
+                self._inbound.fail(errors.from_wire(*value))
         self._lot.unpark_all()
 
 
@@ -329,8 +341,8 @@ class IncomingCall:
         self.connection = conn
         self.deadline = deadline
         self.download = download
-        self._inbound = _Inbound(conn, call_id, open_=upload)
-        self._outbound = _Outbound(conn, call_id)
+        self._inbound = _Inbound(conn, call_id, open_=True) if upload else None
+        self._outbound = _Outbound(conn, call_id) if download else None
         self._scope = trio.CancelScope(deadline=deadline)
         self._cancel_requested = False
 
@@ -339,19 +351,22 @@ class IncomingCall:
         return self.connection.peer
 
     async def receive(self) -> bytes | None:
-        """The next uploaded chunk; None at the end of the upload."""
+        """The next uploaded chunk; None at the end of the upload (at once without one)."""
+        if self._inbound is None:
+            await trio.lowlevel.checkpoint()
+            return None
         return await self._inbound.receive()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._inbound.receive()) is not None:
+        while (chunk := await self.receive()) is not None:
             yield chunk
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Stream bytes back to the caller (who must have opened the call with open_call)."""
-        if not self.download:
+        if self._outbound is None:
             raise errors.InvalidArgument(
                 f"{self.method} streams its result; call it with open_call(), not call()"
             )
@@ -395,9 +410,10 @@ class Connection:
         self.close_reason: ConnectionClosed | None = None
         self._draining = False
         self._peer_draining = False
-        self._call_slots: trio.Semaphore | None = None
+        self._call_slots = trio.Semaphore(1)  # replaced by the peer's max_calls in the hello
         self._last_receive = 0.0
         self._ping_nonce = itertools.count()
+        self._last_peer_id = 0
 
     # -- public --------------------------------------------------------------------------
 
@@ -423,8 +439,25 @@ class Connection:
 
         The caller's deadline (its enclosing cancel scopes) travels with the call.
         """
-        async with self._start_call(method, args, upload=False, download=False) as call:
-            return await call.result()
+        # The hot path: the same steps as _start_call, without a context manager.
+        meta = self._call_meta(upload=False, download=False)
+        await self._acquire_slot()
+        try:
+            call_id, frame = self._encode_call(method, args, meta)
+            call = OutgoingCall(self, call_id, method, upload=False, download=False)
+            self._calls[call_id] = call
+            try:
+                await self._send_frame(frame)
+                while call._outcome is None:
+                    await call._lot.park()  # a checkpoint, whether or not we had to wait before
+            finally:
+                self._forget(call)
+        finally:
+            self._call_slots.release()
+        ok, value = call._outcome
+        if ok:
+            return value
+        raise errors.from_wire(*value)
 
     @asynccontextmanager
     async def open_call(
@@ -441,9 +474,12 @@ class Connection:
             self._send_nowait(codec.encode([GOODBYE, "node is shutting down"]))
 
     async def wait_idle(self) -> None:
-        """Wait until no call from the peer is being handled."""
-        while self._served:
-            await self._served_idle.wait()
+        """Wait until no call from the peer is being handled and everything queued is written."""
+        while not self.closed and (self._served or self._out_bytes):
+            if self._served:
+                await self._served_idle.wait()
+            else:
+                await self._space_lot.park()
 
     def close(self, reason: str = "connection closed by this side") -> None:
         """Close now: calls in flight fail with ConnectionClosed, handlers are cancelled."""
@@ -455,10 +491,7 @@ class Connection:
         if self.close_reason is not None:
             raise ConnectionClosed(self.close_reason.message, **self.close_reason.details)
 
-    @asynccontextmanager
-    async def _start_call(
-        self, method: str, args: Any, *, upload: bool, download: bool
-    ) -> AsyncIterator[OutgoingCall]:
+    def _call_meta(self, *, upload: bool, download: bool) -> dict[str, Any]:
         self._check_open()
         if self._peer_draining:
             raise ConnectionClosed(f"node {self.peer.node} is shutting down", node=self.peer.node)
@@ -470,46 +503,105 @@ class Connection:
             meta["up"] = True
         if download:
             meta["down"] = True
-        assert self._call_slots is not None
-        async with self._call_slots:
-            call_id = next(self._ids)
+        return meta
+
+    def _encode_call(self, method: str, args: Any, meta: dict[str, Any]) -> tuple[int, bytes]:
+        call_id = next(self._ids)
+        try:
             frame = codec.encode([CALL, call_id, method, args, meta])
-            call = OutgoingCall(self, call_id, method, upload=upload)
+        except ProtocolError as exc:
+            raise errors.InvalidArgument(f"arguments of {method} cannot be sent: {exc}") from None
+        if len(frame) - 4 > self.peer.max_frame:
+            raise errors.TooLarge(
+                f"arguments of {method} are {len(frame) - 4} bytes, over node {self.peer.node}'s "
+                f"frame limit of {self.peer.max_frame}; stream large data instead",
+                size=len(frame) - 4, limit=self.peer.max_frame,
+            )
+        return call_id, frame
+
+    def _forget(self, call: OutgoingCall) -> None:
+        """The caller is done with ``call``: unanswered, it is cancelled on the far side."""
+        del self._calls[call.id]
+        if call._outcome is None:
+            call._resolve(False, ("CANCELLED", "call left before its answer", {}))
+            if self.close_reason is None:
+                self._send_nowait(codec.encode([CANCEL, call.id]))
+
+    @asynccontextmanager
+    async def _start_call(
+        self, method: str, args: Any, *, upload: bool, download: bool
+    ) -> AsyncIterator[OutgoingCall]:
+        meta = self._call_meta(upload=upload, download=download)
+        await self._acquire_slot()
+        try:
+            call_id, frame = self._encode_call(method, args, meta)
+            call = OutgoingCall(self, call_id, method, upload=upload, download=download)
             self._calls[call_id] = call
             try:
                 await self._send_frame(frame)
                 yield call
             finally:
-                del self._calls[call_id]
-                if call._outcome is None:
-                    call._resolve(False, ("CANCELLED", "call left before its answer", {}))
-                    if self.close_reason is None:
-                        self._send_nowait(codec.encode([CANCEL, call_id]))
+                self._forget(call)
+        finally:
+            self._call_slots.release()
+
+    async def _acquire_slot(self) -> None:
+        """One of the peer's max_calls; without a scheduling round trip when one is free
+        (the caller checkpoints anyway while it waits for its answer)."""
+        try:
+            self._call_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._call_slots.acquire()
 
     # -- the writer ------------------------------------------------------------------------
 
     def _send_nowait(self, frame: bytes) -> None:
-        """Queue a small control frame; these are bounded by the calls in flight."""
-        if self.close_reason is None:
-            self._out.append(frame)
-            self._out_bytes += len(frame)
-            self._writer_lot.unpark()
+        """Queue a small control frame (CREDIT, PONG, CANCEL, a refusal) without waiting.
 
-    async def _send_frame(self, frame: bytes) -> None:
-        """Queue a frame once the send buffer has room (backpressure for data and replies)."""
+        These answer what the peer sends, so a peer that sends but never reads could make
+        them pile up: past ``send_buffer`` plus one frame plus CONTROL_SLACK queued bytes
+        the connection is closed instead.
+        """
+        if self.close_reason is None:
+            if self._out_bytes > self.config.send_buffer + self.peer.max_frame + CONTROL_SLACK:
+                self._close(ConnectionClosed(
+                    f"node {self.peer.node} does not read what it is sent; closing the connection",
+                    node=self.peer.node,
+                ))
+                return
+            self._queue(frame)
+
+    def _queue(self, *pieces: bytes | memoryview) -> None:
+        self._out.extend(pieces)
+        self._out_bytes += sum(map(len, pieces))
+        self._writer_lot.unpark()
+
+    async def _send_frame(self, *pieces: bytes | memoryview) -> None:
+        """Queue a frame (in pieces) once the send buffer has room: backpressure for data
+        and replies."""
         while self._out_bytes >= self.config.send_buffer:
             self._check_open()
             await self._space_lot.park()
         self._check_open()
-        self._send_nowait(frame)
+        self._queue(*pieces)
 
     async def _writer(self) -> None:
+        """Write whatever is queued, in as few system calls as possible."""
+        stream = self.stream
+        # On a plain TCP socket a batch goes out with one sendmsg (gather), so big chunks
+        # are never copied into a joined buffer; other streams (TLS) get one joined write.
+        sock = stream.socket if type(stream) is trio.SocketStream else None
         while True:
             while not self._out:
                 await self._writer_lot.park()
             batch, self._out = self._out, []
             size = sum(map(len, batch))
-            await self.stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            if len(batch) == 1:
+                await stream.send_all(batch[0])
+            elif sock is not None and size >= _GATHER_SMALL and hasattr(sock, "sendmsg"):
+                await _send_gathered(sock, batch)
+            else:
+                await stream.send_all(b"".join(batch))
             self._out_bytes -= size
             self._space_lot.unpark_all()
 
@@ -518,20 +610,24 @@ class Connection:
     async def _reader(self) -> None:
         decoder = self._decoder
         while True:
+            # First what is already buffered: a client may send its first calls right
+            # behind its hello, in the same packet.
+            while (message := decoder.next_message()) is not None:
+                self._dispatch(message)
             data = await self.stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 raise ConnectionClosed(f"node {self.peer.node} closed the connection", node=self.peer.node)
             self._last_receive = trio.current_time()
             decoder.receive_data(data)
-            while (message := decoder.next_message()) is not None:
-                self._dispatch(message)
 
     def _dispatch(self, m: list[Any]) -> None:
         kind = m[0]
         if kind == DATA:
-            inbound = self._inbound_for(m[1])
-            if inbound is not None:
-                inbound.on_data(m[2])
+            call = self._call_for(m[1])
+            if call is not None:
+                if call._inbound is None:
+                    raise ProtocolError(f"DATA on call {m[1]}, which has no stream in that direction")
+                call._inbound.on_data(m[2])
         elif kind == CALL:
             self._on_call(m[1], m[2], m[3], m[4])
         elif kind == REPLY:
@@ -540,18 +636,22 @@ class Connection:
                 call._resolve(True, m[2])
         elif kind == ERROR:
             if m[1] == 0:
-                raise errors.from_wire(m[2], m[3], m[4])
+                # The peer gave up on the connection and says why; answering it is pointless.
+                raise ConnectionClosed(
+                    f"node {self.peer.node} closed the connection: {m[2]}: {m[3]}",
+                    node=self.peer.node, code=m[2],
+                )
             call = self._calls.get(m[1])
             if call is not None:
                 call._resolve(False, (m[2], m[3], m[4]))
         elif kind == CREDIT:
-            out = self._outbound_for(m[1])
-            if out is not None:
-                out.on_credit(m[2])
+            call = self._call_for(m[1])
+            if call is not None and call._outbound is not None:
+                call._outbound.on_credit(m[2])
         elif kind == END:
-            inbound = self._inbound_for(m[1])
-            if inbound is not None:
-                inbound.on_end()
+            call = self._call_for(m[1])
+            if call is not None and call._inbound is not None:
+                call._inbound.on_end()
         elif kind == CANCEL:
             served = self._served.get(m[1])
             if served is not None:
@@ -566,25 +666,25 @@ class Connection:
         else:  # HELLO
             raise ProtocolError(f"unexpected {codec.KIND_NAMES[kind]} after the handshake")
 
-    def _inbound_for(self, call_id: int) -> _Inbound | None:
-        # Frames for a call that has just finished are dropped: they crossed its end.
-        call = self._served.get(call_id) if call_id % 2 == self._peer_parity else self._calls.get(call_id)
-        return call._inbound if call is not None else None
+    def _call_for(self, call_id: int) -> IncomingCall | OutgoingCall | None:
+        """The live call a stream frame is about: one we serve or one we made, by parity.
 
-    def _outbound_for(self, call_id: int) -> _Outbound | None:
+        None for a call that has finished: frames that crossed its end are dropped.
+        """
         if call_id % 2 == self._peer_parity:
-            served = self._served.get(call_id)
-            return served._outbound if served is not None else None
-        call = self._calls.get(call_id)
-        return call._outbound if call is not None else None
+            return self._served.get(call_id)
+        return self._calls.get(call_id)
 
     # -- calls we serve --------------------------------------------------------------------
 
     def _on_call(self, call_id: int, method: str, args: Any, meta: dict[str, Any]) -> None:
         if call_id % 2 != self._peer_parity or call_id == 0:
             raise ProtocolError(f"call id {call_id} has the wrong parity for this side")
-        if call_id in self._served:
-            raise ProtocolError(f"call id {call_id} is already in use")
+        if call_id <= self._last_peer_id:
+            raise ProtocolError(
+                f"call id {call_id} is not above the last one ({self._last_peer_id}); ids must increase"
+            )
+        self._last_peer_id = call_id
 
         def refuse(err: TriodeError) -> None:
             code, message, details = err.to_wire()
@@ -616,69 +716,122 @@ class Connection:
             deadline=deadline,
         )
         self._served[call_id] = call
-        self._served_idle = trio.Event()
+        if self._served_idle.is_set():  # replace only a spent event: a waiter holds the live one
+            self._served_idle = trio.Event()
         assert self._nursery is not None
         self._nursery.start_soon(self._serve, call, handler)
 
     async def _serve(self, call: IncomingCall, handler: Handler) -> None:
-        frame: bytes | None = None
+        # The call stays in _served until its answer is queued for the socket, so a
+        # draining node (wait_idle) does not close the connection under an unsent reply.
         try:
-            with call._scope:
-                result = await handler(call)
-                frame = codec.encode([REPLY, call.id, result])
-            if call._scope.cancelled_caught and not call._cancel_requested and frame is None:
-                err: TriodeError = errors.DeadlineExceeded(
-                    f"{call.method} passed its deadline on node {self.config.node_id}"
-                )
-                frame = codec.encode([ERROR, call.id, *err.to_wire()])
-        except Exception as exc:
-            err_ = _wire_error(exc)
-            if err_ is None:
-                log.exception("handler for %s failed", call.method)
-                err_ = errors.Internal(f"{call.method} failed on node {self.config.node_id}: {exc!r}")
-            frame = codec.encode([ERROR, call.id, *err_.to_wire()])
+            frame: bytes | None = None
+            try:
+                with call._scope:
+                    result = await handler(call)
+                    frame = self._answer(call, ok=True, value=result)
+                if call._scope.cancelled_caught and not call._cancel_requested and frame is None:
+                    frame = self._answer(call, ok=False, value=errors.DeadlineExceeded(
+                        f"{call.method} passed its deadline on node {self.config.node_id}"
+                    ))
+            except Exception as exc:
+                err = _wire_error(exc)
+                if err is None:
+                    log.exception("handler for %s failed", call.method)
+                    err = errors.Internal(f"{call.method} failed on node {self.config.node_id}: {exc!r}")
+                frame = self._answer(call, ok=False, value=err)
+            if call._outbound is not None:
+                call._outbound.finish()
+            if frame is not None and not call._cancel_requested:
+                try:
+                    await self._send_frame(frame)
+                except ConnectionClosed:
+                    pass
         finally:
+            if call._outbound is not None:
+                call._outbound.finish()
             del self._served[call.id]
-            call._outbound.finish()
             if not self._served:
                 self._served_idle.set()
-        if frame is not None and not call._cancel_requested:
+
+    def _answer(self, call: IncomingCall, *, ok: bool, value: Any) -> bytes:
+        """The REPLY or ERROR frame for a finished call; never raises.
+
+        A result msgpack cannot hold, or one larger than the peer accepts, becomes an
+        error for that call alone rather than a broken connection.
+        """
+        if ok:
             try:
-                await self._send_frame(frame)
-            except ConnectionClosed:
-                pass
+                frame = codec.encode([REPLY, call.id, value])
+            except ProtocolError as exc:
+                log.error("handler for %s returned a value that cannot be sent: %s", call.method, exc)
+                value = errors.Internal(f"{call.method} on node {self.config.node_id} returned a value "
+                                        f"that cannot be sent: {exc}")
+            else:
+                if len(frame) - 4 <= self.peer.max_frame:
+                    return frame
+                value = errors.TooLarge(
+                    f"the result of {call.method} is {len(frame) - 4} bytes, over the peer's frame limit "
+                    f"of {self.peer.max_frame}; stream it instead",
+                    size=len(frame) - 4, limit=self.peer.max_frame,
+                )
+        code, message, details = value.to_wire()
+        try:
+            frame = codec.encode([ERROR, call.id, code, message, details])
+        except ProtocolError:  # details held something msgpack cannot: send the message only
+            frame = codec.encode([ERROR, call.id, code, message, {}])
+        if len(frame) - 4 > self.peer.max_frame:
+            frame = codec.encode([ERROR, call.id, code, message[:1000], {}])
+        return frame
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def _handshake(self) -> None:
-        """Exchange hellos. The initiator speaks first; the acceptor checks version and token."""
+        """Exchange hellos. The initiator speaks first; the acceptor checks version and token.
+
+        An acceptor that refuses a hello says why in an ERROR with call id 0 before it
+        hangs up, so the client can show the reason (bad token, wrong version).
+        """
         if self._initiator:
             await self.stream.send_all(codec.encode([HELLO, self.config.hello()]))
-        message = await self._receive_one()
-        if message[0] == ERROR and message[1] == 0:
-            raise errors.from_wire(message[2], message[3], message[4])
-        if message[0] != HELLO:
-            raise ProtocolError(f"expected HELLO, got {codec.KIND_NAMES[message[0]]}")
         try:
+            message = await self._receive_one()
+            if message[0] == ERROR and message[1] == 0:
+                raise errors.from_wire(message[2], message[3], message[4])
+            if message[0] != HELLO:
+                raise ProtocolError(f"expected HELLO, got {codec.KIND_NAMES[message[0]]}")
             self.peer = PeerHello.parse(message[1])
-            required = self.config.required_token
-            if required is not None:
-                offered = self.peer.token or ""
-                if not hmac.compare_digest(offered.encode(), required.encode()):
-                    raise errors.AuthenticationFailed(
-                        f"node {self.config.node_id} requires a token and "
-                        + ("none was given" if not offered else "the one given is wrong")
-                        + " (pass the node's token with --token-file or token=)"
-                    )
+            self._check_token()
+        except ConnectionClosed:
+            raise
         except TriodeError as err:
             if not self._initiator:
-                await self.stream.send_all(codec.encode([ERROR, 0, *err.to_wire()]))
+                with trio.move_on_after(1):
+                    try:
+                        await self.stream.send_all(codec.encode([ERROR, 0, *err.to_wire()]))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
             raise
         if not self._initiator:
             await self.stream.send_all(codec.encode([HELLO, self.config.hello()]))
         self._decoder.max_frame = self.config.max_frame
         self._call_slots = trio.Semaphore(self.peer.max_calls)
         self._last_receive = trio.current_time()
+
+    def _check_token(self) -> None:
+        """Compare the offered token with ours in constant time (hashes hide the length too)."""
+        required = self.config.required_token
+        if required is None:
+            return
+        offered = self.peer.token or ""
+        if not hmac.compare_digest(
+            hashlib.sha256(offered.encode()).digest(), hashlib.sha256(required.encode()).digest()
+        ):
+            raise errors.AuthenticationFailed(
+                f"node {self.config.node_id} requires a token and "
+                + ("none was given" if not offered else "the one given is wrong")
+                + " (pass the node's token with --token-file or token=)"
+            )
 
     async def _receive_one(self) -> list[Any]:
         while (message := self._decoder.next_message()) is None:
@@ -689,11 +842,17 @@ class Connection:
         return message
 
     async def _keepalive(self) -> None:
+        """PING every ``keepalive_interval`` of silence; after ``dead_after`` of it, give up.
+
+        Any frame from the peer counts as a sign of life (a PONG is just the cheapest).
+        The task wakes exactly when a ping is due or the deadline passes, so a dead peer
+        is found ``dead_after`` seconds after the last thing it sent, not later.
+        """
         interval = self.config.keepalive_interval
+        dead_after = self.config.dead_after
         while True:
-            await trio.sleep(interval)
             idle = trio.current_time() - self._last_receive
-            if idle >= self.config.dead_after:
+            if idle >= dead_after:
                 raise ConnectionClosed(
                     f"node {self.peer.node} sent nothing for {idle:.1f}s and did not answer "
                     "pings: presumed dead",
@@ -701,6 +860,10 @@ class Connection:
                 )
             if idle >= interval:
                 self._send_nowait(codec.encode([PING, next(self._ping_nonce) & 0x7FFFFFFF]))
+                wait = min(interval, dead_after - idle)
+            else:
+                wait = min(interval, dead_after) - idle
+            await trio.sleep(wait)
 
     async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run an internal task; whatever ends it closes the connection (never the caller)."""
@@ -716,9 +879,19 @@ class Connection:
                 with trio.move_on_after(1):
                     while self._out_bytes:
                         await self._space_lot.park()
-            self._close(ConnectionClosed(f"connection to {self.peer.node} failed: {exc}", node=self.peer.node))
+            self._close(
+                ConnectionClosed(f"connection to {self.peer.node} failed: {exc}", node=self.peer.node)
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._close(ConnectionClosed(f"lost the connection to {self.peer.node}: {exc!r}", node=self.peer.node))
+            self._close(
+                ConnectionClosed(f"lost the connection to {self.peer.node}: {exc!r}", node=self.peer.node)
+            )
+        except Exception as exc:  # a bug here must cost this connection, not the whole node
+            log.exception("internal error on the connection to %s", self.peer.node)
+            self._close(
+                ConnectionClosed(f"connection to {self.peer.node} failed: internal error {exc!r}",
+                                 node=self.peer.node)
+            )
 
     def _close(self, reason: ConnectionClosed) -> None:
         if self.close_reason is not None:
@@ -733,7 +906,8 @@ class Connection:
         self._scope.cancel()
         self._closed.set()
 
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _open(self) -> None:
+        """The hello, bounded by ``handshake_timeout``; on any failure the stream is closed."""
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await self._handshake()
@@ -745,6 +919,8 @@ class Connection:
         except BaseException:
             await trio.aclose_forcefully(self.stream)
             raise
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -757,6 +933,40 @@ class Connection:
             self._close(self.close_reason or ConnectionClosed("connection closed"))
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+
+
+_GATHER_SMALL = 64 * 1024  # pieces below this are joined; above it, written in place
+_GATHER_MAX = 64  # buffers per sendmsg, well under IOV_MAX
+
+
+async def _send_gathered(sock: trio.socket.SocketType, batch: list[bytes | memoryview]) -> None:
+    """Write ``batch`` with sendmsg, joining runs of small pieces and never copying big ones."""
+    iov: list[bytes | memoryview] = []
+    small: list[bytes | memoryview] = []
+    for piece in batch:
+        if len(piece) < _GATHER_SMALL:
+            small.append(piece)
+            continue
+        if small:
+            iov.append(b"".join(small))
+            small = []
+        iov.append(piece)
+    if small:
+        iov.append(b"".join(small))
+    i = 0
+    try:
+        while i < len(iov):
+            sent = await sock.sendmsg(iov[i : i + _GATHER_MAX])
+            while sent:
+                n = len(iov[i])
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    iov[i] = memoryview(iov[i])[sent:]
+                    sent = 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
 
 
 @asynccontextmanager
@@ -774,10 +984,20 @@ async def open_connection(
     every task it started; the stream is closed too.
     """
     conn = Connection(stream, config, handlers, initiator=initiator)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(conn._run)
-        try:
-            yield conn
-        finally:
-            conn._close(ConnectionClosed("connection closed by this side"))
+    # The hello happens before the nursery opens, so a refused hello (bad token, wrong
+    # version) is raised as itself rather than inside an ExceptionGroup.
+    await conn._open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn._run)
+            try:
+                yield conn
+            finally:
+                conn._close(ConnectionClosed("connection closed by this side"))
+    except BaseExceptionGroup as group:
+        # The connection's own tasks never raise (see _guard), so a lone exception here
+        # came from the body of the block: hand it back unwrapped, as the caller raised it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 

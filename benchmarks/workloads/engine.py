@@ -1,0 +1,174 @@
+"""Actions: trivial executions end to end, cache hits, and staging of many small inputs.
+
+* ``engine.trivial``: ``true`` as an action (no inputs, a fresh action each time so
+  every one runs and writes the action cache), from a client over TCP to a ``triode
+  node`` process, against a raw ``trio.run_process(["true"])`` loop in this process.
+  Both keep the same number of runs in flight. Target: at least 0.5x.
+* ``engine.cached``: the same action answered from the action cache, against a bare
+  ``node.ping`` round trip at the same concurrency (the floor any call pays). The
+  issue's goal is absolute: 5,000 hits/s.
+* ``engine.staging``: an action with 1,000 small input files in 10 directories, staged
+  by an in-process executor over a disk CAS; the figure is the engine's own staging
+  time per file (lookup, lease, directories, hard links), against a bare ``os.link``
+  loop making the same tree from the same stored files. The goal is absolute: 50 us
+  per file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+
+import trio
+
+import triode
+from triode.engine.action import Action, Input
+from triode.engine.execute import Executor
+from triode.engine.workdir import WorkDirs
+from triode.storage.ac import ActionCache
+from triode.storage.disk import DiskCAS
+
+from ..harness import Bench, workload
+
+#: Runs kept in flight by both sides of ``engine.trivial``.
+TRIVIAL_CONCURRENCY = 4
+#: Calls kept in flight by both sides of ``engine.cached``.
+CACHED_CONCURRENCY = 32
+
+
+async def _in_parallel(n: int, concurrency: int, fn) -> float:  # type: ignore[no-untyped-def]
+    """Run ``fn(i)`` for i in range(n), ``concurrency`` at a time; return the seconds it took."""
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await fn(i)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return time.perf_counter() - start
+
+
+@workload("engine.trivial", help="trivial actions per second end to end vs a raw trio.run_process loop")
+def trivial(b: Bench) -> None:
+    n = 100 if b.quick else 400
+    # As many executor slots as runs in flight, so neither side queues.
+    with b.spawn_node("--max-concurrency", str(TRIVIAL_CONCURRENCY)) as address:
+
+        def subject() -> float:
+            async def main() -> float:
+                tag = uuid.uuid4().hex
+                async with triode.connect(address) as client:
+
+                    async def one(i: int) -> None:
+                        outcome = await client.execute(Action(("true",), env={"RUN": f"{tag}-{i}"}))
+                        assert outcome.exit_code == 0 and not outcome.cached
+
+                    return n / await _in_parallel(n, TRIVIAL_CONCURRENCY, one)
+
+            return trio.run(main)
+
+        def baseline() -> float:
+            async def main() -> float:
+                async def one(i: int) -> None:
+                    await trio.run_process(["true"])
+
+                return n / await _in_parallel(n, TRIVIAL_CONCURRENCY, one)
+
+            return trio.run(main)
+
+        b.compare("actions/s", "1/s", subject=subject, baseline=("raw trio.run_process", baseline),
+                  target=0.5, note=f"{TRIVIAL_CONCURRENCY} in flight on both sides")
+
+
+@workload("engine.cached", help="action cache hits per second vs bare pings (goal: 5,000/s)")
+def cached(b: Bench) -> None:
+    n = 2000 if b.quick else 10000
+    with b.spawn_node() as address:
+        action = Action(("true",), env={"CACHED": uuid.uuid4().hex})
+
+        async def prime() -> None:
+            async with triode.connect(address) as client:
+                await client.execute(action)
+
+        trio.run(prime)
+
+        def subject() -> float:
+            async def main() -> float:
+                async with triode.connect(address) as client:
+
+                    async def one(i: int) -> None:
+                        outcome = await client.execute(action)
+                        assert outcome.cached
+
+                    return n / await _in_parallel(n, CACHED_CONCURRENCY, one)
+
+            return trio.run(main)
+
+        def baseline() -> float:
+            async def main() -> float:
+                async with triode.connect(address) as client:
+
+                    async def one(i: int) -> None:
+                        await client.ping()
+
+                    return n / await _in_parallel(n, CACHED_CONCURRENCY, one)
+
+            return trio.run(main)
+
+        b.compare("hits/s", "1/s", subject=subject, baseline=("node.ping", baseline),
+                  note=f"goal: 5,000 hits/s absolute; {CACHED_CONCURRENCY} in flight")
+
+
+@workload("engine.staging", help="staging time per input file (1,000 files) vs a bare os.link loop")
+def staging(b: Bench) -> None:
+    files = 1000
+    data = b.tmpdir / "staging"
+    cas = DiskCAS(data)
+    ac = ActionCache(cas, data / "ac")
+    workdirs = WorkDirs(data / "work", "bench")
+    workdirs.open()
+    executor = Executor(cas, ac, workdirs, node_id="bench")
+    inputs: dict[str, Input] = {}
+
+    async def fill() -> None:
+        for i in range(files):
+            digest = await cas.put(f"file {i}\n".encode() * 8)
+            inputs[f"d{i % 10}/f{i:04}.txt"] = Input(digest)
+
+    trio.run(fill)
+    action = Action(("true",), inputs=inputs)
+    sources = {path: cas.path_of(entry.digest) for path, entry in inputs.items()}
+
+    def subject() -> float:
+        async def main() -> float:
+            outcome = await executor.execute(action, skip_cache=True)
+            return outcome.result["timings"]["staging"] / files * 1e6
+
+        return trio.run(main)
+
+    def baseline() -> float:
+        root = data / "raw"
+        start = time.perf_counter()
+        root.mkdir()
+        for d in range(10):
+            (root / f"d{d}").mkdir()
+        for path, src in sources.items():
+            os.link(src, root / path)  # type: ignore[arg-type]
+        took = time.perf_counter() - start
+        shutil.rmtree(root)
+        return took / files * 1e6
+
+    try:
+        b.compare("staging per file", "us", subject=subject, baseline=("bare os.link loop", baseline),
+                  better="lower", note="goal: at most 50 us per file absolute")
+    finally:
+        workdirs.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+__all__ = ["trivial", "cached", "staging"]

@@ -1,0 +1,282 @@
+"""Storage: blob throughput, small gets, find_missing — beside raw baselines of the same run.
+
+The node is a ``triode node`` process with a data dir (``b.spawn_node``); the client is
+this process, so client and node run on separate cores as they would in use. Baselines:
+single-core SHA-256 and zstd-1 compression speed (each in this process, on the same data),
+and a bare trio socket copying the same bytes to a server process as minimal as it gets.
+Uploads pass the digest (a build client knows it before it uploads); every byte is still
+hashed by the node before it is stored, and every download is hashed by the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import trio
+import zstandard
+
+import triode
+from triode.storage.digest import Digest
+from triode.wire import codec
+
+from ..harness import Bench, workload
+
+MiB = 1024 * 1024
+
+_RAW_SERVER = """
+import sys, trio
+
+async def handle(stream):
+    head = b""
+    while len(head) < 9:
+        head += await stream.receive_some(9 - len(head))
+    mode, n = head[:1], int.from_bytes(head[1:], "big")
+    if mode == b"u":  # swallow n bytes, answer one
+        while n:
+            n -= len(await stream.receive_some(1 << 20))
+        await stream.send_all(b"k")
+    elif mode == b"d":  # send n bytes
+        chunk = memoryview(bytes(1 << 20))
+        while n:
+            k = min(n, len(chunk))
+            await stream.send_all(chunk[:k])
+            n -= k
+    elif mode == b"e":  # echo records of n bytes until EOF
+        buf = bytearray()
+        while data := await stream.receive_some(1 << 18):
+            buf += data
+            k = len(buf) - len(buf) % n
+            if k:
+                await stream.send_all(bytes(buf[:k]))
+                del buf[:k]
+
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(handle, listeners)
+
+trio.run(main)
+"""
+
+
+@contextlib.contextmanager
+def _raw_server() -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, "-c", _RAW_SERVER], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _raw_stream(port: int, mode: bytes, n: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(mode + n.to_bytes(8, "big"))
+    return stream
+
+
+def _raw_upload(port: int, data: bytes) -> float:
+    async def main() -> float:
+        stream = await _raw_stream(port, b"u", len(data))
+        start = time.perf_counter()
+        view = memoryview(data)
+        for i in range(0, len(view), MiB):
+            await stream.send_all(view[i : i + MiB])
+        await stream.receive_some(1)
+        elapsed = time.perf_counter() - start
+        await stream.aclose()
+        return len(data) / elapsed / 1e6
+
+    return trio.run(main)
+
+
+def _raw_download(port: int, size: int) -> float:
+    async def main() -> float:
+        stream = await _raw_stream(port, b"d", size)
+        start = time.perf_counter()
+        buf = bytearray()
+        while len(buf) < size:
+            buf += await stream.receive_some(1 << 20)
+        elapsed = time.perf_counter() - start
+        await stream.aclose()
+        return size / elapsed / 1e6
+
+    return trio.run(main)
+
+
+def _sha256_speed(data: bytes) -> float:
+    start = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return len(data) / (time.perf_counter() - start) / 1e6
+
+
+def _zstd_speed(data: bytes) -> float:
+    cctx = zstandard.ZstdCompressor(level=1)
+    view = memoryview(data)
+    start = time.perf_counter()
+    for i in range(0, len(view), 256 * 1024):
+        cctx.compress(view[i : i + 256 * 1024])
+    return len(data) / (time.perf_counter() - start) / 1e6
+
+
+def _transfer(address: str, data: bytes, encoding: str, *, part: str = "both") -> float:
+    """One put (fresh blob: a new salt in the last 8 bytes) then one get; MB/s over both."""
+    data = data[:-8] + os.urandom(8)
+    digest = Digest.of(data)
+
+    async def main() -> float:
+        async with triode.connect(address) as client:
+            client.cas.compression = encoding
+            start = time.perf_counter()
+            await client.cas.put(data, digest)
+            put_done = time.perf_counter()
+            got = await client.cas.get(digest)
+            end = time.perf_counter()
+            assert len(got) == len(data)
+        if part == "put":
+            return len(data) / (put_done - start) / 1e6
+        if part == "get":
+            return len(data) / (end - put_done) / 1e6
+        return 2 * len(data) / (end - start) / 1e6
+
+    return trio.run(main)
+
+
+def _compressible(size: int) -> bytes:
+    """Text-like data zstd-1 shrinks about 4x (source code repeated with variations)."""
+    words = [b"def", b"return", b"self", b"import", b"trio", b"async", b"await", b"digest", b"=", b"(",
+             b")", b":", b"\n    ", b"blob", b"node", b"for", b"in", b"if", b"None"]
+    rng = __import__("random").Random(7)
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(rng.choice(words) for _ in range(64)) + b"%d\n" % rng.randrange(10**6)
+    return bytes(out[:size])
+
+
+@workload("storage.blobs", help="put+get of a large blob: raw and zstd-1, random and compressible")
+def blobs(b: Bench) -> None:
+    size = (32 if b.quick else 256) * MiB
+    random_data = os.urandom(size)
+    text = _compressible(size)
+    with b.spawn_node() as address, _raw_server() as port:
+        b.compare(f"{size // MiB} MiB put+get, raw, random", "MB/s",
+                  subject=lambda: _transfer(address, random_data, "identity"),
+                  baseline=("sha256, one core", lambda: _sha256_speed(random_data)), target=1 / 3)
+        b.compare(f"{size // MiB} MiB put+get, raw, compressible", "MB/s",
+                  subject=lambda: _transfer(address, text, "identity"),
+                  baseline=("sha256, one core", lambda: _sha256_speed(text)), target=1 / 3)
+        b.compare(f"{size // MiB} MiB put, raw", "MB/s",
+                  subject=lambda: _transfer(address, random_data, "identity", part="put"),
+                  baseline=("raw trio socket upload", lambda: _raw_upload(port, random_data)))
+        b.compare(f"{size // MiB} MiB get, raw", "MB/s",
+                  subject=lambda: _transfer(address, random_data, "identity", part="get"),
+                  baseline=("raw trio socket download", lambda: _raw_download(port, size)))
+        b.compare(f"{size // MiB} MiB put+get, zstd-1, compressible", "MB/s",
+                  subject=lambda: _transfer(address, text, "zstd"),
+                  baseline=("zstd-1 compression alone", lambda: _zstd_speed(text)), target=0.7)
+        b.compare(f"{size // MiB} MiB put+get, zstd-1, random", "MB/s",
+                  subject=lambda: _transfer(address, random_data, "zstd"),
+                  baseline=("zstd-1 compression alone", lambda: _zstd_speed(random_data)))
+
+
+def _small_gets(address: str, digests: list[Digest], concurrency: int) -> float:
+    async def main() -> float:
+        async with triode.connect(address) as client:
+            todo = iter(digests)
+
+            async def worker() -> None:
+                for digest in todo:
+                    await client.cas.get(digest)
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as n:
+                for _ in range(concurrency):
+                    n.start_soon(worker)
+            return len(digests) / (time.perf_counter() - start)
+
+    return trio.run(main)
+
+
+def _raw_echo(port: int, size: int, count: int, concurrency: int) -> float:
+    """``count`` request/response pairs of ``size`` bytes, ``concurrency`` in flight."""
+    async def main() -> float:
+        stream = await _raw_stream(port, b"e", size)
+        request = bytes(size)
+        start = time.perf_counter()
+        got = 0
+        sent = min(concurrency, count)
+        await stream.send_all(request * sent)
+        while got < count * size:
+            data = await stream.receive_some(1 << 18)
+            before = got // size
+            got += len(data)
+            more = min(got // size - before, count - sent)
+            if more > 0:
+                await stream.send_all(request * more)
+                sent += more
+        elapsed = time.perf_counter() - start
+        await stream.aclose()
+        return count / elapsed
+
+    return trio.run(main)
+
+
+@workload("storage.small_gets", help="1 KiB gets per second, 64 concurrent, on one connection")
+def small_gets(b: Bench) -> None:
+    count = 5_000 if b.quick else 20_000
+    blobs = [os.urandom(1024) for _ in range(2_000)]
+    digests = [Digest.of(x) for x in blobs]
+
+    async def upload(address: str) -> None:
+        async with triode.connect(address) as client:
+            await client.cas.batch_update(list(zip(digests, blobs, strict=True)))
+
+    with b.spawn_node() as address, _raw_server() as port:
+        trio.run(upload, address)
+        order = [digests[i % len(digests)] for i in range(count)]
+        fig = b.compare("1 KiB gets, 64 concurrent", "gets/s",
+                        subject=lambda: _small_gets(address, order, 64),
+                        baseline=("raw socket 1 KiB echo, 64 in flight",
+                                  lambda: _raw_echo(port, 1024, count, 64)))
+        fig.note = f"bar: >= 10,000 gets/s: {'met' if fig.subject.median >= 10_000 else 'MISSED'}"
+
+
+def _find_missing(address: str, digests: list[Digest]) -> float:
+    async def main() -> float:
+        async with triode.connect(address) as client:
+            start = time.perf_counter()
+            missing = await client.cas.find_missing(digests)
+            elapsed = time.perf_counter() - start
+            assert len(missing) == len(digests) // 2
+            return len(digests) / elapsed
+
+    return trio.run(main)
+
+
+@workload("storage.find_missing", help="find_missing of 10,000 digests (half present) in one call")
+def find_missing(b: Bench) -> None:
+    n = 10_000
+    present = [os.urandom(64) for _ in range(n // 2)]
+    digests = [Digest.of(x) for x in present] + [Digest.of(os.urandom(64)) for _ in range(n // 2)]
+    request_bytes = len(codec.encode([1, 1, "cas.find_missing",
+                                                 {"digests": [d.to_wire() for d in digests]}, {}]))
+
+    async def upload(address: str) -> None:
+        async with triode.connect(address) as client:
+            await client.cas.batch_update(list(zip(digests, present, strict=False)))
+
+    with b.spawn_node() as address, _raw_server() as port:
+        trio.run(upload, address)
+        fig = b.compare("find_missing, 10,000 digests in one call", "digests/s",
+                        subject=lambda: _find_missing(address, digests),
+                        baseline=("raw socket echo of the request's bytes",
+                                  lambda: _raw_echo(port, request_bytes, 1, 1) * n))
+        fig.note = f"bar: >= 200,000 digests/s: {'met' if fig.subject.median >= 200_000 else 'MISSED'}"

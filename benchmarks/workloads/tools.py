@@ -1,0 +1,187 @@
+"""Tools: a warm worker call against starting a fresh runtime, on bun and on node.
+
+The Go runtime Triode replaces started a bun process per call; the baseline here is
+exactly that cold start (``bun -e`` / ``node -e`` printing a JSON answer), measured in
+the same run, so the ratio says what warm workers buy on this machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import trio
+
+from triode.engine.tools import find_runtime, open_tool_pool
+from triode.errors import RuntimeMissing
+
+from ..harness import Bench, workload
+
+TOOLS = """
+export function echo(input) { return input; }
+"""
+COLD = "const input = JSON.parse(process.argv[1]); console.log(JSON.stringify(input));"
+INPUT = {"query": "hello", "n": 3}
+
+
+def _entrypoint(b: Bench) -> Path:
+    path = b.tmpdir / "bench_tools.mjs"
+    path.write_text(TOOLS)
+    return path
+
+
+def _runtimes() -> list[tuple[str, str]]:
+    found = []
+    for name in ("bun", "node"):
+        try:
+            found.append((name, find_runtime(name).executable))
+        except RuntimeMissing as exc:
+            print(f"tools: skipping {name}: {exc}")
+    return found
+
+
+def _warm_latencies(entry: Path, runtime: str, calls: int) -> list[float]:
+    """Seconds per call on one warm worker (the worker is started before timing)."""
+
+    async def main() -> list[float]:
+        async with open_tool_pool(size=1, runtime=runtime) as pool:
+            await pool.warm(entry)
+            for _ in range(5):
+                await pool.call(entry, "echo", INPUT)
+            out = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                await pool.call(entry, "echo", INPUT)
+                out.append(time.perf_counter() - start)
+            return out
+
+    return trio.run(main)
+
+
+def _cold_latency(executable: str) -> float:
+    """Seconds for one fresh runtime to start, answer and exit."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [executable, "-e", COLD, '{"query":"hello","n":3}'], capture_output=True, check=True
+    )
+    elapsed = time.perf_counter() - start
+    assert done.stdout.strip() == b'{"query":"hello","n":3}'
+    return elapsed
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@workload(
+    "tools.latency", help="warm tool call p50/p99 vs fresh bun -e / node -e starts (target: 10x faster)"
+)
+def latency(b: Bench) -> None:
+    entry = _entrypoint(b)
+    calls = 50 if b.quick else 400
+    colds = 10 if b.quick else 40
+    for name, executable in _runtimes():
+        for label, q in (("p50", 0.5), ("p99", 0.99)):
+
+            def warm(q: float = q, name: str = name) -> float:
+                return _percentile(_warm_latencies(entry, name, calls), q) * 1000
+
+            def cold(q: float = q, executable: str = executable) -> float:
+                return _percentile([_cold_latency(executable) for _ in range(colds)], q) * 1000
+
+            b.compare(
+                f"{name} call latency {label}",
+                "ms",
+                subject=warm,
+                baseline=(f"fresh `{name} -e`, {label} of {colds}", cold),
+                better="lower",
+                target=0.1,
+                note=f"{calls} sequential calls on one warm worker vs {colds} fresh starts",
+            )
+
+
+@workload("tools.throughput", help="tool calls per second with a pool of 2 vs fresh processes 2 at a time")
+def throughput(b: Bench) -> None:
+    entry = _entrypoint(b)
+    total = 200 if b.quick else 1000
+    cold_total = 10 if b.quick else 30
+    for name, executable in _runtimes():
+
+        def warm(name: str = name) -> float:
+            async def main() -> float:
+                async with open_tool_pool(size=2, runtime=name) as pool:
+                    await pool.warm(entry)
+                    remaining = total
+
+                    async def caller() -> None:
+                        nonlocal remaining
+                        while remaining > 0:
+                            remaining -= 1
+                            await pool.call(entry, "echo", INPUT)
+
+                    start = time.perf_counter()
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(4):
+                            nursery.start_soon(caller)
+                    return total / (time.perf_counter() - start)
+
+            return trio.run(main)
+
+        def cold(executable: str = executable) -> float:
+            start = time.perf_counter()
+            running: list[subprocess.Popen[bytes]] = []
+            for _ in range(cold_total):
+                if len(running) == 2:
+                    running.pop(0).wait()
+                running.append(
+                    subprocess.Popen(
+                        [executable, "-e", COLD, "{}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    )
+                )
+            for proc in running:
+                proc.wait()
+            return cold_total / (time.perf_counter() - start)
+
+        b.compare(
+            f"{name} calls/s, pool of 2",
+            "calls/s",
+            subject=warm,
+            baseline=(f"fresh `{name} -e` per call, 2 at a time", cold),
+            better="higher",
+            note=f"{total} calls from 4 callers",
+        )
+
+
+@workload(
+    "tools.oneshot", help="a one-shot tool call (fresh worker per call) vs a bare fresh bun -e / node -e"
+)
+def oneshot(b: Bench) -> None:
+    entry = _entrypoint(b)
+    calls = 5 if b.quick else 20
+    for name, executable in _runtimes():
+
+        def subject(name: str = name) -> float:
+            async def main() -> float:
+                async with open_tool_pool(size=1, runtime=name, one_shot=True) as pool:
+                    samples = []
+                    for _ in range(calls):
+                        start = time.perf_counter()
+                        await pool.call(entry, "echo", INPUT)
+                        samples.append(time.perf_counter() - start)
+                    return _percentile(samples, 0.5) * 1000
+
+            return trio.run(main)
+
+        def cold(executable: str = executable) -> float:
+            return _percentile([_cold_latency(executable) for _ in range(calls)], 0.5) * 1000
+
+        b.compare(
+            f"{name} one-shot call p50",
+            "ms",
+            subject=subject,
+            baseline=(f"fresh `{name} -e`, p50 of {calls}", cold),
+            better="lower",
+            note="isolation costs a process start per call; the harness and entrypoint load on top",
+        )

@@ -1,0 +1,181 @@
+"""The process runner: every way a run can end, and nothing left behind after any of them."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from triode.engine.procgroup import group_alive
+from triode.engine.runner import run_process
+from triode.testing import child_processes, no_leaks
+
+from .conftest import eventually
+
+
+def _procs_with(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains ``marker`` (anywhere on the box)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state not in (b"Z", b"X"):
+            found.append(int(entry))
+    return found
+
+
+async def test_exit_code_and_both_streams() -> None:
+    async with no_leaks():
+        r = await run_process(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.exit_code, r.signal, r.timed_out, r.cancelled, r.truncated) == (3, None, False, False, False)
+    assert r.stdout.data() == b"out\n"
+    assert r.stderr.data() == b"err\n"
+
+
+async def test_killed_by_signal_is_told_apart_from_exit() -> None:
+    r = await run_process(["/bin/sh", "-c", "kill -USR1 $$"])
+    assert r.signal == 10 and r.exit_code == 128 + 10 and not r.timed_out
+
+
+async def test_environment_is_only_what_is_given() -> None:
+    os.environ["TRIODE_TEST_SECRET"] = "hunter2"
+    try:
+        r = await run_process(["/usr/bin/env"])
+        assert r.stdout.data() == b""
+        r = await run_process(["/usr/bin/env"], env={"A": "1"})
+        assert r.stdout.data() == b"A=1\n"
+    finally:
+        del os.environ["TRIODE_TEST_SECRET"]
+
+
+async def test_tree_ignoring_sigterm_is_killed_after_timeout_and_grace() -> None:
+    marker = f"triode-sleeper-{os.getpid()}-{time.monotonic_ns()}"
+    script = (
+        f"trap '' TERM; "
+        f"for i in 1 2 3; do sh -c 'trap \"\" TERM; exec sleep 300 # {marker}' & done; "
+        f"wait # {marker}"
+    )
+    grace = 0.5
+    async with no_leaks():
+        start = time.monotonic()
+        r = await run_process(["/bin/sh", "-c", script], timeout=1.0, grace=grace)
+        took = time.monotonic() - start
+    assert r.timed_out and r.signal == 9 and not r.cancelled
+    assert took <= 1.0 + grace + 1.0
+    assert _procs_with(marker) == []
+
+
+async def test_grandchild_that_escapes_the_group_with_our_pipes_does_not_hang() -> None:
+    marker = f"triode-escapee-{os.getpid()}-{time.monotonic_ns()}"
+    # setsid takes the sleeper out of the group; it still holds stdout and stderr.
+    script = f"setsid sh -c 'exec sleep 300 # {marker}' & sleep 0.3; echo done"
+    async with no_leaks():
+        with trio.fail_after(10):
+            r = await run_process(["/bin/sh", "-c", script], grace=0.2, drain=0.5)
+    assert r.exit_code == 0 and r.stdout.data() == b"done\n"
+    assert await eventually(lambda: not _procs_with(marker), 2)
+
+
+async def test_background_child_of_a_finished_leader_is_stopped() -> None:
+    marker = f"triode-bg-{os.getpid()}-{time.monotonic_ns()}"
+    async with no_leaks():
+        r = await run_process(["/bin/sh", "-c", f"sh -c 'exec sleep 300 # {marker}' & echo hi"], grace=0.2)
+    assert r.exit_code == 0 and r.stdout.data() == b"hi\n"
+    assert _procs_with(marker) == []
+
+
+async def test_output_flood_is_capped_and_killed_without_deadlock() -> None:
+    async with no_leaks():
+        with trio.fail_after(30):
+            r = await run_process(["yes"], output_cap=256 * 1024, kill_on_cap=True, grace=0.5)
+    assert r.output_capped and r.truncated and r.stdout.truncated and not r.stderr.truncated
+    assert r.stdout.kept == 256 * 1024
+    assert r.stdout.total > 256 * 1024
+    assert r.stdout.data() == b"y\n" * (128 * 1024)
+    assert r.signal is not None
+
+
+async def test_output_flood_over_the_cap_is_drained_to_the_end_when_not_killing() -> None:
+    # 8 MiB to each stream at once: both must be read concurrently or the child blocks.
+    script = "head -c 8388608 /dev/zero; head -c 8388608 /dev/zero >&2; echo tail"
+    with trio.fail_after(30):
+        r = await run_process(["/bin/sh", "-c", script], output_cap=1024 * 1024)
+    assert r.exit_code == 0 and not r.output_capped
+    assert r.stdout.truncated and r.stdout.kept == 1024 * 1024
+    assert r.stdout.total == 8 * 1024 * 1024 + 5
+    assert r.stderr.total == 8 * 1024 * 1024
+
+
+async def test_non_utf8_output_is_kept_byte_for_byte() -> None:
+    data = bytes(range(256)) * 3
+    r = await run_process([sys.executable, "-c", f"import sys; sys.stdout.buffer.write({data!r})"])
+    assert r.stdout.data() == data
+
+
+async def test_large_stdin_while_output_flows_back(tmp_path: Path) -> None:
+    data = os.urandom(16 * 1024 * 1024)
+    with trio.fail_after(60):
+        r = await run_process(["cat"], stdin=data, spill_dir=tmp_path)
+    assert r.exit_code == 0 and r.stdout.spilled
+    assert r.stdout.spill_path is not None
+    assert r.stdout.spill_path.read_bytes() == data
+    # From a file too, and a child that reads none of it is not an error.
+    src = tmp_path / "in"
+    src.write_bytes(data[: 4 * 1024 * 1024])
+    r = await run_process(["wc", "-c"], stdin=src)
+    assert r.stdout.data().strip() == b"4194304"
+    r = await run_process(["true"], stdin=data)
+    assert r.exit_code == 0
+
+
+async def test_caller_cancellation_stops_and_reaps_the_group() -> None:
+    pgids = []
+
+    async with no_leaks():
+        with trio.move_on_after(0.3) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_forever)
+                await trio.sleep(0.1)
+                pgids.extend(pid for pid in child_processes())
+        assert scope.cancelled_caught
+    assert pgids and not any(group_alive(p) for p in pgids)
+
+
+async def _run_forever() -> None:
+    await run_process(["/bin/sh", "-c", "trap '' TERM; sleep 300"], grace=0.2)
+    raise AssertionError("the run should have been cancelled")
+
+
+async def test_stop_event_ends_the_run_as_cancelled() -> None:
+    stop = trio.Event()
+    async with no_leaks(), trio.open_nursery() as nursery:
+        nursery.start_soon(_set_later, stop)
+        r = await run_process(["sleep", "300"], stop=stop, grace=0.5)
+    assert r.cancelled and not r.timed_out and r.signal == 15
+
+
+async def _set_later(event: trio.Event) -> None:
+    await trio.sleep(0.1)
+    event.set()
+
+
+async def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        await run_process(["true"], timeout=0)
+    with pytest.raises(ValueError):
+        await run_process([])
+    r = await run_process(["/nonexistent/program"])
+    assert r.exit_code == 127 and b"/nonexistent/program" in r.stderr.data()
+    r = await run_process(["/etc/hostname"])  # not executable
+    assert r.exit_code == 126

@@ -1,0 +1,81 @@
+"""``execute`` over the wire: a client, a node on TCP, and cancellation crossing between them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+import triode
+from triode.engine.action import Action
+from triode.errors import InvalidArgument, InvalidPath, MissingInputs
+from triode.storage.digest import Digest
+
+from .conftest import eventually
+from .test_runner import _procs_with
+
+
+async def test_execute_uploaded_inputs_and_hit(
+    client: triode.Client, node: triode.Node, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "lib").mkdir(parents=True)
+    (src / "lib" / "a.txt").write_text("alpha\n")
+    (src / "run.sh").write_text("#!/bin/sh\ncat lib/a.txt lib/a.txt > out.txt\n")
+    (src / "run.sh").chmod(0o755)
+    (src / "empty").mkdir()
+    local = await client.upload_inputs(src, ["lib", "run.sh", "empty"])
+    assert set(local.inputs) == {"lib/a.txt", "run.sh"} and local.inputs["run.sh"].executable
+    assert local.directories == ["empty"]
+    action = Action(("./run.sh",), inputs=local.inputs, directories=tuple(local.directories),
+                    outputs=("out.txt",))
+    first = await client.execute(action)
+    assert first.exit_code == 0 and not first.cached
+    [out] = first.result["output_files"]
+    assert await client.cas.get(Digest.from_wire(out["digest"])) == b"alpha\nalpha\n"
+    second = await client.execute(action)
+    assert second.cached and second.result == first.result
+    assert node.parts["engine"].info()["executed"] == 1
+
+
+async def test_bad_requests_get_typed_errors(client: triode.Client) -> None:
+    with pytest.raises(InvalidArgument):
+        await client.connection.call("execute", {"action": {"argv": []}})
+    with pytest.raises(InvalidPath):
+        await client.connection.call("execute", {"action": {"argv": ["true"], "outputs": ["../x"]}})
+    with pytest.raises(InvalidArgument):
+        await client.connection.call("execute", {"action": {"argv": ["true"]}, "skip_cache": "yes"})
+    with pytest.raises(MissingInputs):
+        await client.execute(Action(("true",), inputs={"x": Digest.of(b"nowhere")}))
+    assert await client.ping() >= 0  # and the node goes on serving
+
+
+async def test_cancelling_the_caller_kills_the_process_on_the_node(client: triode.Client) -> None:
+    marker = f"triode-wire-cancel-{os.getpid()}-{time.monotonic_ns()}"
+    action = Action(("/bin/sh", "-c", f"trap '' TERM; sleep 300 # {marker}"), do_not_cache=True)
+    with trio.move_on_after(0.5):
+        await client.execute(action)
+    # The node's grace is the default 5 s (SIGTERM is ignored), then SIGKILL.
+    assert await eventually(lambda: not _procs_with(marker), 15)
+
+
+async def test_engine_info_is_in_node_info(client: triode.Client) -> None:
+    info = await client.info()
+    assert info["engine"]["work_dirs"] == 0 and "executed" in info["engine"]
+
+
+async def test_cache_writes_behind_the_answer_are_drained_on_close(tmp_path: Path) -> None:
+    actions = [Action(("true",), env={"I": str(i)}) for i in range(20)]
+    async with triode.open_node(listen=None, data=tmp_path / "d") as node:
+        engine = node.parts["engine"]
+        for action in actions:
+            assert not (await engine.execute(action)).cached
+        # Served from memory or from the cache, whichever the write has reached.
+        assert all([(await engine.execute(a)).cached for a in actions])
+    async with triode.open_node(listen=None, data=tmp_path / "d") as node:
+        ac = node.parts["storage"].ac
+        assert all([await ac.get(a.digest()) is not None for a in actions])
+        assert node.parts["engine"].info()["cache_writes_pending"] == 0

@@ -1,0 +1,33 @@
+"""Fixtures for tool tests: both runtimes, the fixture entrypoints, a leak-checked pool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from triode.engine.tools import ToolPool, find_runtime, open_tool_pool
+from triode.errors import RuntimeMissing
+from triode.testing import no_leaks
+
+FIXTURES = Path(__file__).with_name("fixtures")
+JS = FIXTURES / "tools.mjs"
+TS = FIXTURES / "tools.ts"
+
+
+@pytest.fixture(params=["bun", "node"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    """Each test runs under bun and under node; bun comes from scripts/setup-js (.triode-js/)."""
+    try:
+        find_runtime(request.param)
+    except RuntimeMissing as exc:
+        pytest.skip(f"{request.param} is not installed here ({exc}); run scripts/setup-js")
+    return request.param
+
+
+@pytest.fixture
+async def pool(runtime: str) -> AsyncIterator[ToolPool]:
+    """A pool of 2 workers on the test's runtime; nothing it started may outlive it."""
+    async with no_leaks(), open_tool_pool(size=2, runtime=runtime, timeout=20.0, grace=1.0) as p:
+        yield p

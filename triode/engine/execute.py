@@ -1,0 +1,294 @@
+"""Executing an action: cache lookup, staging, the run, output collection, the cache entry.
+
+:class:`Executor` runs one action in the calling task (no queue of its own: admission
+is the scheduler's job). Every execution gets a fresh work dir that is removed however
+it ends, its inputs are leased in the local store while it needs them, and the result
+goes to the action cache only when it is worth reusing: exit code 0, not timed out,
+cacheable, and no input was altered through a hard link.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..errors import InvalidArgument, TriodeError
+from ..storage.digest import Digest
+from .action import Action
+from .outputs import scan_outputs
+from .runner import DEFAULT_GRACE, DEFAULT_OUTPUT_CAP, Capture, run_process
+from .staging import INLINE_FILES, link_policy, maybe_in_thread, stage_inputs, tampered
+from .workdir import WorkDirs, scratch_of
+
+__all__ = ["Executor", "ExecuteOutcome", "EngineConfig"]
+
+log = logging.getLogger("triode.engine")
+
+#: Results queued for the action cache behind their answers.
+WRITE_BEHIND = 64
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: Seconds between SIGTERM and SIGKILL when an action times out or is cancelled.
+    grace: float = DEFAULT_GRACE
+    #: Bytes of stdout, and of stderr, kept per action.
+    output_cap: int = DEFAULT_OUTPUT_CAP
+    #: Kill an action whose stdout or stderr passes the cap (else: keep reading, drop the rest).
+    kill_on_cap: bool = False
+    #: Hard-link inputs from the disk CAS: "auto" (as root, with the action's power to write
+    #: to read-only files dropped, see staging.link_policy), "always" or "never" (copy).
+    link_inputs: str = "auto"
+
+
+@dataclass(frozen=True)
+class ExecuteOutcome:
+    """The answer to an execute: the action's digest, whether it came from the cache, the result."""
+
+    action_digest: Digest
+    cached: bool
+    result: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"action_digest": self.action_digest.to_wire(), "cached": self.cached, "result": self.result}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ExecuteOutcome:
+        if not isinstance(value, dict) or not {"action_digest", "cached", "result"} <= set(value):
+            raise InvalidArgument(f"an execute outcome is {{action_digest, cached, result}}, got {value!r}")
+        return cls(Digest.from_wire(value["action_digest"]), bool(value["cached"]), value["result"])
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.result["exit_code"])
+
+    @property
+    def timed_out(self) -> bool:
+        return bool(self.result["timed_out"])
+
+
+class Executor:
+    """Runs actions against a CAS and an action cache, in work dirs from ``workdirs``."""
+
+    def __init__(
+        self, cas: Any, ac: Any, workdirs: WorkDirs, *, node_id: str, config: EngineConfig | None = None
+    ) -> None:
+        self.cas = cas
+        self.ac = ac
+        self.workdirs = workdirs
+        self.node_id = node_id
+        self.config = config or EngineConfig()
+        self._link, self._guard = link_policy(self.config.link_inputs)
+        #: Results on their way to the action cache (see write_behind).
+        self._pending: dict[Digest, dict[str, Any]] = {}
+        self._writes: trio.MemorySendChannel[tuple[Digest, dict[str, Any]]] | None = None
+        self.counters = {
+            "executed": 0, "cache_hits": 0, "cache_writes": 0, "failed": 0, "timed_out": 0,
+            "cancelled": 0, "errors": 0, "running": 0, "inputs_linked": 0, "inputs_copied": 0,
+            "inputs_fetched": 0, "inputs_altered": 0,
+        }
+
+    async def execute(
+        self, action: Action, *, skip_cache: bool = False, queued: float = 0.0
+    ) -> ExecuteOutcome:
+        """Answer from the action cache, or run the action now and return its result.
+
+        ``queued`` is the seconds the caller (the scheduler) held the action before this.
+        """
+        digest = action.digest()
+        try:
+            if not skip_cache and not action.do_not_cache:
+                hit = self._pending.get(digest)
+                if hit is None:
+                    hit = await self.ac.get(digest)
+                if hit is not None:
+                    self.counters["cache_hits"] += 1
+                    return ExecuteOutcome(digest, True, hit)
+            self.counters["running"] += 1
+            try:
+                result = await self._run(action, digest, queued)
+            finally:
+                self.counters["running"] -= 1
+        except BaseException as exc:
+            self.counters["cancelled" if _only_cancelled(exc) else "errors"] += 1
+            raise
+        return ExecuteOutcome(digest, False, result)
+
+    async def _run(self, action: Action, digest: Digest, queued: float) -> dict[str, Any]:
+        started = trio.current_time()
+        async with self._lease(action.input_digests()), self.workdirs.create() as root:
+            staged = await stage_inputs(root, action, self.cas, link=self._link)
+            self.counters["inputs_linked"] += staged.linked
+            self.counters["inputs_copied"] += staged.copied
+            self.counters["inputs_fetched"] += staged.fetched
+            staged_at = trio.current_time()
+            # Linked inputs share the CAS's inodes: a root node drops the capability that
+            # would let the action write to them (see link_policy).
+            argv = [*self._guard, *action.argv] if staged.linked else list(action.argv)
+            run = await run_process(
+                argv,
+                env=action.env,
+                cwd=root / action.cwd if action.cwd else root,
+                timeout=action.timeout,
+                grace=self.config.grace,
+                output_cap=self.config.output_cap,
+                kill_on_cap=self.config.kill_on_cap,
+                spill_dir=scratch_of(root),
+            )
+            ran_at = trio.current_time()
+            stdout = await self._store_capture(run.stdout)
+            stderr = await self._store_capture(run.stderr)
+            # Any output may be a large tree: walk in a thread unless there is none.
+            found = await maybe_in_thread(bool(action.outputs), scan_outputs, root, action.outputs)
+            files = []
+            for rel, path, executable in found.files:
+                file_digest = await self.cas.put_file(path)
+                files.append({"path": rel, "digest": file_digest.to_wire(), "executable": executable})
+            altered = await maybe_in_thread(len(staged.links) > INLINE_FILES, tampered, staged)
+            for path, stored, blob in altered:
+                log.error(
+                    "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
+                    "is dropped and the result not cached",
+                    digest, path.relative_to(root), blob,
+                )
+                self._drop_corrupt(stored, path)
+            uploaded_at = trio.current_time()
+        result: dict[str, Any] = {
+            "exit_code": run.exit_code,
+            "signal": run.signal,
+            "timed_out": run.timed_out,
+            "stdout": stdout,
+            "stderr": stderr,
+            "output_files": files,
+            "output_symlinks": found.symlinks,
+            "output_directories": found.directories,
+            "missing_outputs": found.missing,
+            "timings": {
+                "queued": queued,
+                "staging": staged_at - started,
+                "running": ran_at - staged_at,
+                "uploading": uploaded_at - ran_at,
+            },
+            "node": self.node_id,
+            "executed_at": time.time(),
+        }
+        self.counters["executed"] += 1
+        if run.timed_out:
+            self.counters["timed_out"] += 1
+        if run.exit_code != 0:
+            self.counters["failed"] += 1
+        if run.exit_code == 0 and not run.timed_out and not action.do_not_cache and not altered:
+            await self._cache(digest, result)
+        return result
+
+    async def _cache(self, digest: Digest, result: dict[str, Any]) -> None:
+        """Write the result to the action cache: behind the answer when a writer runs, else now."""
+        if self._writes is not None:
+            self._pending[digest] = result
+            try:
+                self._writes.send_nowait((digest, result))
+                return
+            except trio.WouldBlock:  # the writer is behind: this caller waits for its own write
+                pass
+            except trio.ClosedResourceError:
+                pass
+            try:
+                await self.ac.update(digest, result)
+            finally:
+                self._pending.pop(digest, None)
+        else:
+            await self.ac.update(digest, result)
+        self.counters["cache_writes"] += 1
+
+    async def write_behind(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write action results to the cache after their callers have their answer.
+
+        The cache write (an fsynced file) is the slowest step of a short action; doing it
+        here frees the caller and its executor slot sooner. Until it is written the result
+        is served from memory, so a repeat of the action is a hit all the same. At most
+        :data:`WRITE_BEHIND` wait; past that a caller writes its own. Run it in the
+        engine's nursery; :meth:`close_writes` makes it finish the queue and return.
+        """
+        send, receive = trio.open_memory_channel[tuple[Digest, dict[str, Any]]](WRITE_BEHIND)
+        self._writes = send
+        task_status.started()
+        async with receive:
+            async for digest, result in receive:
+                try:
+                    await self.ac.update(digest, result)
+                    self.counters["cache_writes"] += 1
+                except TriodeError as exc:
+                    log.warning("could not cache the result of action %s: %s", digest, exc)
+                finally:
+                    if self._pending.get(digest) is result:
+                        del self._pending[digest]
+
+    def close_writes(self) -> None:
+        """Let :meth:`write_behind` finish what is queued and return."""
+        if self._writes is not None:
+            self._writes.close()
+
+    async def _store_capture(self, capture: Capture) -> dict[str, Any]:
+        if capture.spilled:
+            assert capture.spill_path is not None
+            blob = await self.cas.put_file(capture.spill_path)
+        else:
+            blob = await self.cas.put(capture.data())
+        return {"digest": blob.to_wire(), "truncated": capture.truncated}
+
+    def _drop_corrupt(self, stored: Path, link: Path) -> None:
+        """Unlink a stored file an action wrote to through its hard link (after a chmod).
+
+        Its bytes no longer match its name; leaving it would serve them to everyone. Only
+        if it is still the inode we linked (the store may have replaced it since).
+        """
+        self.counters["inputs_altered"] += 1
+        try:
+            if os.stat(stored).st_ino == os.stat(link).st_ino:
+                os.unlink(stored)
+        except FileNotFoundError:
+            pass
+
+    @asynccontextmanager
+    async def _lease(self, digests: set[Digest]) -> AsyncIterator[None]:
+        """Keep the inputs from being evicted while they are staged and used, if the store evicts."""
+        lease = getattr(self.cas, "lease", None)
+        if lease is None or not digests:
+            yield
+            return
+        held = lease(sorted(digests))
+        if isinstance(held, AbstractAsyncContextManager) or hasattr(held, "__aenter__"):
+            async with held:
+                yield
+        elif isinstance(held, AbstractContextManager) or hasattr(held, "__enter__"):
+            with held:
+                yield
+        else:  # pragma: no cover - a store whose lease is not a context manager
+            raise TypeError(f"{type(self.cas).__name__}.lease() did not return a context manager")
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "work_dirs": self.workdirs.count(),
+            "cache_writes_pending": len(self._pending),
+            "grace": self.config.grace,
+            "output_cap": self.config.output_cap,
+            "link_inputs": self._link,
+            "link_guard": bool(self._guard),
+        }
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's Cancelled, alone or as the only thing in a (nested) group."""
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(trio.Cancelled)[1]
+        return rest is None
+    return isinstance(exc, trio.Cancelled)

@@ -1,0 +1,76 @@
+"""The engine part of a node: an :class:`Executor` over the node's storage, serving ``execute``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .action import Action
+from .execute import EngineConfig, ExecuteOutcome, Executor
+from .service import execute_handler
+from .workdir import WorkDirs, temporary_base
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["EnginePart", "open_engine", "engine_factory"]
+
+
+@dataclass
+class EnginePart:
+    """``node.parts["engine"]``: run actions now, in the calling task."""
+
+    executor: Executor
+    name: str = "engine"
+
+    async def execute(
+        self, action: Action, *, skip_cache: bool = False, queued: float = 0.0
+    ) -> ExecuteOutcome:
+        """Answer from the action cache or run ``action`` now (see :meth:`Executor.execute`)."""
+        return await self.executor.execute(action, skip_cache=skip_cache, queued=queued)
+
+    def info(self) -> dict[str, Any]:
+        return self.executor.info()
+
+
+@asynccontextmanager
+async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIterator[EnginePart]:
+    """Start the engine over ``node.parts["storage"]``; leaving removes every work dir."""
+    storage = node.parts.get("storage")
+    if storage is None:
+        raise RuntimeError("the engine part needs the storage part: open storage before the engine")
+    cas, ac = storage.cas, storage.ac  # type: ignore[attr-defined]
+    data = node.config.data
+    base_cm = temporary_base() if data is None else nullcontext(data / "work")
+    with base_cm as base:
+        workdirs = WorkDirs(base, node.id)
+        workdirs.open()
+        try:
+            executor = Executor(cas, ac, workdirs, node_id=node.id, config=config)
+            part = EnginePart(executor)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(executor.write_behind)
+                await nursery.start(workdirs.remover)
+                # "execute" itself is the scheduler's: admission control in front of this.
+                node.router.add("engine.execute", execute_handler(part.execute))
+                try:
+                    yield part
+                finally:
+                    # The queued cache writes and removals finish, then their tasks return.
+                    executor.close_writes()
+                    workdirs.stop_remover()
+        finally:
+            workdirs.close()
+
+
+def engine_factory(config: EngineConfig) -> Callable[[Node], AbstractAsyncContextManager[EnginePart]]:
+    """A part factory with non-default settings (grace, output cap), for embedding and tests."""
+
+    def factory(node: Node) -> AbstractAsyncContextManager[EnginePart]:
+        return open_engine(node, config)
+
+    return factory

@@ -1,0 +1,311 @@
+"""Run one command to completion, whatever happens: the process runner under actions.
+
+:func:`run_process` starts argv in its own process group (through
+:func:`~triode.engine.procgroup.open_process_group`), reads stdout and stderr
+concurrently from the first moment (so a large stdin or a chatty child can never
+deadlock on a full pipe), keeps the head of each up to a cap, and ends in exactly one
+way: the leader exited, it was killed by a signal, the timeout passed, the output cap
+was hit (when that kills), or it was stopped on request. In every case the whole group
+is stopped (SIGTERM, grace, SIGKILL), the leader reaped and both pipes closed before
+this returns; a cancelled caller gets the same cleanup, shielded, before ``Cancelled``
+goes on up. This is trio's ``run_process(deliver_cancel=...)`` idea with a group-wide
+deliver-cancel, plus the part trio leaves to us: a grandchild that escaped the group
+while holding our pipes would otherwise keep the readers waiting for an EOF that never
+comes, so after the group is gone the readers get a short drain period, then whoever
+still holds the pipes is killed and the readers are cancelled.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .procgroup import DEVNULL, PIPE, open_process_group, stop_group
+
+__all__ = ["DEFAULT_OUTPUT_CAP", "DEFAULT_GRACE", "Capture", "ProcessResult", "run_process"]
+
+#: Bytes of stdout (and, separately, of stderr) kept per run unless told otherwise.
+DEFAULT_OUTPUT_CAP = 64 * 1024 * 1024
+#: Seconds between SIGTERM and SIGKILL.
+DEFAULT_GRACE = 5.0
+#: Seconds the readers may go on after the group is gone, waiting for EOF.
+DEFAULT_DRAIN = 1.0
+
+_READ_SIZE = 64 * 1024
+_STDIN_CHUNK = 64 * 1024
+
+
+class Capture:
+    """The kept head of one output stream: in memory, spilled to a file past ``memory_limit``.
+
+    Counts every byte the process wrote (``total``) but keeps at most ``cap``; the pipe
+    is read to the end regardless, so a process over the cap is never blocked on it.
+    """
+
+    def __init__(self, cap: int, *, spill_path: Path | None = None, memory_limit: int = 1024 * 1024) -> None:
+        if cap < 0:
+            raise ValueError("output cap must be >= 0")
+        self.cap = cap
+        self.total = 0
+        self.spill_path = spill_path
+        self._memory_limit = memory_limit if spill_path is not None else cap
+        self._buffer = bytearray()
+        self._spill_fd: int | None = None
+        self._spilled = False
+        self._kept = 0
+
+    @property
+    def kept(self) -> int:
+        return self._kept
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.cap
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the kept bytes are in :attr:`spill_path` rather than in memory."""
+        return self._spilled
+
+    def data(self) -> bytes:
+        """The kept bytes, when they were small enough to stay in memory."""
+        if self.spilled:
+            raise RuntimeError(f"output was spilled to {self.spill_path}; read it from there")
+        return bytes(self._buffer)
+
+    async def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.cap - self._kept
+        if room <= 0:
+            return
+        chunk = chunk[:room]
+        if self._spill_fd is None and len(self._buffer) + len(chunk) <= self._memory_limit:
+            self._buffer += chunk
+        else:
+            await self._spill(chunk)
+        self._kept += len(chunk)
+
+    async def _spill(self, chunk: bytes) -> None:
+        assert self.spill_path is not None
+        if self._spill_fd is None:
+            self._spilled = True
+            self.spill_path.parent.mkdir(exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            self._spill_fd = os.open(self.spill_path, flags, 0o600)
+            pending = bytes(self._buffer) + chunk
+            self._buffer = bytearray()
+        else:
+            pending = chunk
+        fd = self._spill_fd
+        await trio.to_thread.run_sync(_write_all, fd, pending)
+
+    def close(self) -> None:
+        """Close the spill file (the file itself stays for the caller to store)."""
+        if self._spill_fd is not None:
+            fd, self._spill_fd = self._spill_fd, None
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """How a run ended. Exactly one of: exited, signalled, timed out, capped, cancelled."""
+
+    #: The exit status; ``128 + signal`` when a signal ended it, as a shell reports it.
+    exit_code: int
+    #: The signal that ended the leader, or None when it exited by itself.
+    signal: int | None
+    #: The timeout passed and we stopped the group.
+    timed_out: bool
+    #: The output cap was passed and ``kill_on_cap`` stopped the group.
+    output_capped: bool
+    #: ``stop`` was set and we stopped the group.
+    cancelled: bool
+    stdout: Capture
+    stderr: Capture
+    #: Seconds from start to the leader's end (before the group was stopped).
+    duration: float
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout.truncated or self.stderr.truncated
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdin: bytes | Path | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - ends in a result (timed_out), not an exception
+    grace: float = DEFAULT_GRACE,
+    output_cap: int = DEFAULT_OUTPUT_CAP,
+    kill_on_cap: bool = False,
+    spill_dir: Path | None = None,
+    stop: trio.Event | None = None,
+    drain: float = DEFAULT_DRAIN,
+) -> ProcessResult:
+    """Run ``argv`` to its end and return how it ended; never leaves a process or pipe behind.
+
+    ``env`` is the child's whole environment; None means an empty one (never ours: the
+    node's environment holds its secrets). ``stdin`` is bytes or a file streamed in.
+    ``spill_dir`` lets captured output past 1 MiB go to files there instead of memory
+    (created when first needed).
+    Setting ``stop`` ends the run with ``cancelled=True``; cancelling the caller ends it
+    the same way and then raises ``Cancelled``.
+    """
+    if timeout is not None and (math.isnan(timeout) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    out = Capture(output_cap, spill_path=spill_dir / "stdout" if spill_dir else None)
+    err = Capture(output_cap, spill_path=spill_dir / "stderr" if spill_dir else None)
+    ended = {"cap": False, "stop": False}
+    try:
+        async with AsyncExitStack() as stack:
+            try:
+                proc = await stack.enter_async_context(open_process_group(
+                    argv, env=dict(env or {}), cwd=cwd, stdin=PIPE if stdin is not None else DEVNULL,
+                    stdout=PIPE, stderr=PIPE, grace=grace,
+                ))
+            except OSError as exc:
+                # As a shell reports it: 127 when there is no such program, 126 when it
+                # cannot be executed; the reason goes to stderr.
+                await err.feed(f"triode: cannot run {argv[0]!r}: {exc.strerror or exc}\n".encode())
+                code = 127 if exc.errno == errno.ENOENT else 126
+                return ProcessResult(code, None, False, False, False, out, err, 0.0)
+            start = trio.current_time()
+            waiting = trio.CancelScope(deadline=start + timeout if timeout is not None else math.inf)
+
+            def cap_hit() -> None:
+                if kill_on_cap and not ended["cap"]:
+                    ended["cap"] = True
+                    waiting.cancel()
+
+            pipes = [p for p in (proc.stdin, proc.stdout, proc.stderr) if p is not None]
+            inodes = {os.fstat(p.fileno()).st_ino for p in pipes}  # type: ignore[attr-defined]
+            eof = [trio.Event(), trio.Event()]
+            async with trio.open_nursery() as readers:
+                assert proc.stdout is not None and proc.stderr is not None
+                readers.start_soon(_pump, proc.stdout, out, cap_hit, eof[0])
+                readers.start_soon(_pump, proc.stderr, err, cap_hit, eof[1])
+                if stdin is not None:
+                    assert proc.stdin is not None
+                    readers.start_soon(_feed_stdin, proc.stdin, stdin)
+                async with trio.open_nursery() as control:
+                    if stop is not None:
+                        control.start_soon(_watch, stop, waiting, ended)
+                    with waiting:
+                        await proc.wait()
+                    control.cancel_scope.cancel()
+                duration = trio.current_time() - start
+                timed_out = waiting.cancelled_caught and not ended["cap"] and not ended["stop"]
+                # The leader is done or we gave up on it: stop what is left of the group
+                # now (not at the end of the block) so the readers can reach EOF.
+                with trio.CancelScope(shield=True):
+                    await stop_group(proc, grace)
+                readers.cancel_scope.deadline = trio.current_time() + drain
+                with trio.CancelScope(shield=True):
+                    await _await_drain(eof, drain, inodes)
+    finally:
+        out.close()
+        err.close()
+    code = proc.returncode
+    assert code is not None
+    sig = -code if code < 0 else None
+    return ProcessResult(
+        exit_code=128 + sig if sig is not None else code,
+        signal=sig,
+        timed_out=timed_out,
+        output_capped=ended["cap"],
+        cancelled=ended["stop"],
+        stdout=out,
+        stderr=err,
+        duration=duration,
+    )
+
+
+async def _pump(
+    stream: trio.abc.ReceiveStream, capture: Capture, cap_hit: Callable[[], None], eof: trio.Event
+) -> None:
+    try:
+        while chunk := await stream.receive_some(_READ_SIZE):
+            await capture.feed(chunk)
+            if capture.truncated:
+                cap_hit()
+    except trio.ClosedResourceError:  # closed under us once the run is over
+        pass
+    finally:
+        eof.set()
+
+
+async def _feed_stdin(stream: trio.abc.SendStream, data: bytes | Path) -> None:
+    """Write stdin; a child that exits (or closes stdin) without reading it all is not an error."""
+    try:
+        if isinstance(data, Path):
+            async with await trio.open_file(data, "rb") as f:
+                while chunk := await f.read(_STDIN_CHUNK):
+                    await stream.send_all(chunk)
+        else:
+            view = memoryview(data)
+            for i in range(0, len(view), _STDIN_CHUNK):
+                await stream.send_all(view[i : i + _STDIN_CHUNK])
+        await stream.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _watch(stop: trio.Event, waiting: trio.CancelScope, ended: dict[str, bool]) -> None:
+    await stop.wait()
+    ended["stop"] = True
+    waiting.cancel()
+
+
+async def _await_drain(eof: list[trio.Event], drain: float, inodes: set[int]) -> None:
+    """Give the readers ``drain`` seconds to reach EOF; then kill whoever holds our pipes.
+
+    The group is gone by now, so a writer still holding a pipe escaped it (setsid,
+    double fork). It was started by us all the same: it is killed, not waited for.
+    """
+    with trio.move_on_after(drain / 2):
+        for event in eof:
+            await event.wait()
+    if not all(event.is_set() for event in eof):
+        for pid in _pipe_holders(inodes):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _pipe_holders(inodes: set[int]) -> list[int]:
+    """Processes other than us with an fd on one of these pipes."""
+    targets = {f"pipe:[{ino}]" for ino in inodes}
+    me = os.getpid()
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in targets:
+                    holders.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return holders

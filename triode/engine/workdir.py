@@ -1,0 +1,192 @@
+"""Work directories: one fresh directory per execution, always removed, even after a crash.
+
+A node keeps its work dirs under ``<data>/work/<node-id>/`` and holds an flock on
+``<data>/work/<node-id>.lock`` for as long as it runs. Several nodes (a daemon and the
+embedded nodes of ``triode run``) may share one data dir, so a node starting up removes
+only the directories whose lock nobody holds: those a crashed node left behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import trio
+
+__all__ = ["WorkDirs", "remove_tree", "scratch_of"]
+
+#: Finished work dirs queued for removal behind their executions.
+REMOVE_BEHIND = 64
+
+log = logging.getLogger("triode.engine")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` however the action left it: read-only dirs and files included."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    # The action made directories unwritable or unreadable: give them back to us, without
+    # following any symlink it planted (chmod follows links), then try again.
+    try:
+        os.chmod(path, 0o700)
+    except OSError:
+        pass
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            sub = os.path.join(dirpath, name)
+            if not os.path.islink(sub):
+                try:
+                    os.chmod(sub, 0o700)
+                except OSError:
+                    pass
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log.warning("could not remove work dir %s", path)
+
+
+def _remove_if_bare(path: Path) -> bool:
+    """Remove a work dir holding nothing but empty directories, inline; False if it holds more."""
+    try:
+        for entry in os.scandir(path):
+            if not entry.is_dir(follow_symlinks=False):
+                return False
+            os.rmdir(entry.path)
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+def scratch_of(work: Path) -> Path:
+    """Where an execution keeps files that are not its action's (spilled output): beside it.
+
+    Created only when needed; removed with the work dir.
+    """
+    return work.with_name(work.name + ".scratch")
+
+
+def _remove(path: Path) -> None:
+    if not _remove_if_bare(path):
+        remove_tree(path)
+    scratch = scratch_of(path)
+    if os.path.lexists(scratch):
+        remove_tree(scratch)
+
+
+class WorkDirs:
+    """Where this node's executions get their directories."""
+
+    def __init__(self, base: Path, node_id: str) -> None:
+        self.base = base
+        self.root = base / node_id
+        self._lock_path = base / f"{node_id}.lock"
+        self._lock_fd: int | None = None
+        self._removals: trio.MemorySendChannel[Path] | None = None
+
+    def open(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._remove_abandoned()
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # another node's clean-up removed the file we locked: lock the new one
+        self._lock_fd = fd
+        self.root.mkdir(exist_ok=True)
+
+    def close(self) -> None:
+        remove_tree(self.root)
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            try:
+                os.unlink(self._lock_path)
+            finally:
+                os.close(fd)
+
+    def _remove_abandoned(self) -> None:
+        for lock in self.base.glob("*.lock"):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live node holds it
+                log.info("removing work dirs left by a stopped node: %s", lock.with_suffix(""))
+                remove_tree(lock.with_suffix(""))
+                lock.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
+    @asynccontextmanager
+    async def create(self) -> AsyncIterator[Path]:
+        """A fresh, empty directory; removed (shielded from cancellation) when the block ends.
+
+        Its scratch space (see :func:`scratch_of`) goes with it. With :meth:`remover`
+        running, the removal happens just behind the block's end, off its caller's path.
+        """
+        path = self.root / uuid.uuid4().hex
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            try:
+                if self._removals is None:
+                    raise trio.ClosedResourceError
+                self._removals.send_nowait(path)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                # In a worker thread even when bare: an rmdir waits for the file system's
+                # journal, milliseconds while other threads fsync (the action cache does).
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove, path)
+
+    async def remover(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Remove finished work dirs behind their executions; returns once :meth:`stop_remover`
+        is called and the queue is empty. Run it in the engine's nursery."""
+        send, receive = trio.open_memory_channel[Path](REMOVE_BEHIND)
+        self._removals = send
+        task_status.started()
+        async with receive:
+            async for path in receive:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove, path)
+
+    def stop_remover(self) -> None:
+        if self._removals is not None:
+            self._removals.close()
+
+    def count(self) -> int:
+        """Work dirs that exist right now (the leak tests count them)."""
+        try:
+            return len(os.listdir(self.root))
+        except FileNotFoundError:
+            return 0
+
+
+@contextmanager
+def temporary_base() -> Iterator[Path]:
+    """A base for nodes without a data dir, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="triode-work-"))
+    try:
+        yield path
+    finally:
+        remove_tree(path)

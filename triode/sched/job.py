@@ -1,0 +1,90 @@
+"""What the scheduler is asked to run, and what it needs from whoever runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..storage.digest import Digest
+
+__all__ = ["Job", "Executor", "Placement", "NotAccepted", "PeerLost"]
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One submission: an action plus how to treat it.
+
+    ``key`` is the action digest (``HASH/SIZE``): identical keys in flight share one
+    execution unless ``dedup`` is off (an action marked do-not-cache).
+    """
+
+    key: str
+    #: The action as the executor takes it (an engine ``Action``; anything for a fake).
+    action: Any
+    #: The action as sent on the wire, to forward it to a peer unchanged.
+    wire: Any = None
+    skip_cache: bool = False
+    dedup: bool = True
+    #: Blobs the action reads, pushed to a peer before it is forwarded there.
+    inputs: tuple[Digest, ...] = field(default=())
+    #: The node that forwarded this job here; such a job is never forwarded again (one hop).
+    forwarded_from: str | None = None
+
+
+class Executor(Protocol):
+    """Runs jobs on this node. An outcome is the ``execute`` result map:
+    ``{"action_digest": [h, s], "cached": bool, "result": {...}}``."""
+
+    async def lookup(self, job: Job) -> dict[str, Any] | None:
+        """The cached outcome, or None: must not run anything or take a slot."""
+        ...
+
+    async def run(self, job: Job, *, queued: float = 0.0) -> dict[str, Any]:
+        """Run it now, in the calling task; cancelling the caller kills the process group.
+
+        ``queued`` is the seconds the job waited for its slot (for the result's timings).
+        """
+        ...
+
+
+class NotAccepted(Exception):
+    """The peer never took the job (full, unreachable, shutting down): place it again."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"{peer} did not accept: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class PeerLost(Exception):
+    """The peer took the job and then vanished: it may be retried elsewhere."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"{peer} was lost while executing: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class Placement(Protocol):
+    """Where a job goes when no local slot is free: the cluster, or nothing."""
+
+    def pick(self, job: Job) -> str | None:
+        """A peer with free capacity (and reserve one of its slots), or None."""
+        ...
+
+    def spare(self) -> int:
+        """Free slots on peers, as far as we know (admission does not queue what they can take)."""
+        ...
+
+    async def forward(self, peer: str, job: Job, accepted: Callable[[str], None]) -> dict[str, Any]:
+        """Run the job on ``peer``; call ``accepted(remote_name)`` once it took it.
+
+        Releases the slot :meth:`pick` reserved, however it ends. Raises
+        :class:`NotAccepted` or :class:`PeerLost`, or the job's own TriodeError.
+        """
+        ...
+
+
+AcceptedCallback = Callable[[str], None]
+ForwardFn = Callable[[str, Job, AcceptedCallback], Awaitable[dict[str, Any]]]

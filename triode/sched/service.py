@@ -1,0 +1,335 @@
+"""The sched part of a node: its wire methods, its tasks, and its figures.
+
+Methods (docs/protocol.md, "Methods: sched"): ``execute`` (admission control in
+front of the engine), ``sched.submit``, ``sched.get``, ``sched.wait``,
+``sched.watch``, ``sched.cancel``, ``sched.list``, ``sched.status``, and between
+peers ``sched.gossip`` and ``sched.forward``. An operation's name is
+``NODE/NUMBER``; a node asked about another node's operation asks that node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+
+from ..errors import BlobNotFound, FailedPrecondition, InvalidArgument
+from ..storage.digest import Digest
+from ..wire.connection import Connection, IncomingCall
+from .cluster import Cluster
+from .http import serve_metrics
+from .job import Job
+from .metrics import Registry, numeric_leaves
+from .operations import Operation, State
+from .scheduler import Scheduler, outcome_or_raise
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["SchedPart", "open_sched", "job_from_args", "EngineExecutor"]
+
+log = logging.getLogger("triode.sched")
+
+MAX_LIST = 10_000
+
+
+def job_from_args(args: Any, *, forwarded_from: str | None = None) -> tuple[Job, int]:
+    """The job and priority an ``execute`` call asks for: the engine's arguments
+    (validated by the engine's own parser) plus an optional ``priority``."""
+    from ..engine.service import parse_execute_args
+
+    if not isinstance(args, dict):
+        raise InvalidArgument("execute takes {action: {...}, skip_cache?: bool, priority?: int}")
+    rest = {k: v for k, v in args.items() if k not in ("priority", "origin")}
+    priority = args.get("priority", 0)
+    if type(priority) is not int or not -1000 <= priority <= 1000:
+        raise InvalidArgument(f"priority must be an integer from -1000 to 1000, got {priority!r}")
+    action, skip_cache = parse_execute_args(rest)
+    job = Job(
+        key=str(action.digest()),
+        action=action,
+        wire=action.to_wire(),
+        skip_cache=skip_cache,
+        dedup=not action.do_not_cache,
+        inputs=tuple(sorted(action.input_digests())),
+        forwarded_from=forwarded_from,
+    )
+    return job, priority
+
+
+class EngineExecutor:
+    """The scheduler's executor over this node's engine part."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def _engine(self) -> Any:
+        engine = self.node.parts.get("engine")
+        if engine is None:
+            raise FailedPrecondition(f"node {self.node.id} has no engine part: it cannot execute actions")
+        return engine
+
+    async def lookup(self, job: Job) -> dict[str, Any] | None:
+        if job.skip_cache or not job.dedup:
+            return None
+        engine = self._engine()
+        if hasattr(engine, "lookup"):  # the engine's own answer, when it offers one
+            outcome = await engine.lookup(job.action)
+            return outcome.to_wire() if outcome is not None and hasattr(outcome, "to_wire") else outcome
+        executor = getattr(engine, "executor", None)
+        digest = Digest.parse(job.key)
+        # A result the engine has produced but not yet written behind to the action cache.
+        hit = getattr(executor, "_pending", {}).get(digest)
+        if hit is None:
+            ac = getattr(engine, "ac", None) or getattr(executor, "ac", None)
+            if ac is None:
+                return None
+            hit = await ac.get(digest)
+        if hit is None:
+            return None
+        return {"action_digest": digest.to_wire(), "cached": True, "result": hit}
+
+    async def run(self, job: Job, *, queued: float = 0.0) -> dict[str, Any]:
+        engine = self._engine()
+        # The scheduler looked the action cache up at admission (unless told to skip it):
+        # looking again here would count every execution as two misses.
+        outcome = await engine.execute(job.action, skip_cache=True, queued=queued)
+        return outcome.to_wire() if hasattr(outcome, "to_wire") else outcome
+
+
+#: Inputs at most this big are sent in batches; larger ones are streamed one by one.
+SMALL_INPUT = 64 * 1024
+#: Bytes of small inputs held in memory at once while pushing.
+PUSH_BATCH = 4 * 1024 * 1024
+
+
+async def push_inputs_from(node: Node, conn: Connection, job: Job) -> None:
+    """Before forwarding: upload the inputs the peer lacks from our CAS. A peer that shares
+    our backing node finds them there, so it lacks nothing and nothing is sent."""
+    from ..storage.remote import RemoteCAS
+
+    storage = node.parts.get("storage")
+    local = getattr(storage, "cas", None)
+    if local is None:
+        return
+    remote = RemoteCAS(conn)
+    missing = await remote.find_missing(list(job.inputs))
+    small = [d for d in missing if d.size <= SMALL_INPUT]
+    batch: list[tuple[Digest, bytes]] = []
+    held = 0
+    for digest in small:
+        try:
+            data = await local.get(digest, limit=SMALL_INPUT)
+        except BlobNotFound:
+            continue  # the peer reports the input missing, naming it
+        batch.append((digest, data))
+        held += len(data)
+        if held >= PUSH_BATCH:
+            await remote.batch_update(batch)
+            batch, held = [], 0
+    if batch:
+        await remote.batch_update(batch)
+    for digest in missing:
+        if digest.size > SMALL_INPUT:
+            try:
+                async with local.open_read(digest) as chunks:
+                    await remote.put_stream(chunks, digest)
+            except BlobNotFound:
+                continue
+
+
+class SchedPart:
+    """What ``node.parts["sched"]`` holds."""
+
+    name = "sched"
+
+    def __init__(self, node: Node, scheduler: Scheduler, cluster: Cluster, registry: Registry) -> None:
+        self.node = node
+        self.scheduler = scheduler
+        self.cluster = cluster
+        self.registry = registry
+        self.metrics_address: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        info = self.scheduler.info()
+        info["peers"] = self.cluster.info()
+        info["metrics"] = self.metrics_address
+        return info
+
+    def render_metrics(self) -> str:
+        """Our metrics, plus every number the other parts report, as gauges."""
+        text = self.registry.render()
+        lines = []
+        for name, part in self.node.parts.items():
+            if name == "sched":
+                continue
+            try:
+                leaves = list(numeric_leaves(part.info()))
+            except Exception:  # a part's figures must never break the scrape
+                log.exception("info() of part %s failed", name)
+                continue
+            for key, value in leaves:
+                metric = f"triode_{name}_{key}"
+                lines.append(f"# TYPE {metric} gauge\n{metric} {value:g}")
+        uptime = time.time() - self.node.started
+        lines.append(f"# TYPE triode_uptime_seconds gauge\ntriode_uptime_seconds {uptime:.3f}")
+        return text + "\n".join(lines) + "\n"
+
+    # -- finding an operation ------------------------------------------------------------
+
+    def _owner(self, args: Any) -> tuple[str, str]:
+        if not isinstance(args, dict) or not isinstance(args.get("name"), str):
+            raise InvalidArgument("expected {name: 'NODE/NUMBER'}: the operation's name")
+        name = args["name"]
+        owner, sep, _ = name.rpartition("/")
+        if not sep or not owner:
+            raise InvalidArgument(f"an operation name is NODE/NUMBER, got {name!r}")
+        return name, owner
+
+    def _local(self, name: str) -> Operation:
+        return self.scheduler.table.get(name)
+
+    # -- handlers ----------------------------------------------------------------------
+
+    async def h_execute(self, call: IncomingCall) -> dict[str, Any]:
+        job, priority = job_from_args(call.args)
+        op = await self.scheduler.execute(job, priority=priority)
+        return {**outcome_or_raise(op), "operation": op.name}
+
+    async def h_forward(self, call: IncomingCall) -> dict[str, Any]:
+        origin = call.args.get("origin") if isinstance(call.args, dict) else None
+        job, _ = job_from_args(call.args, forwarded_from=str(origin or call.peer.node))
+        op = await self.scheduler.submit(job, slot_only=True)
+        try:
+            await call.send(msgpack.packb({"operation": op.name}))
+            await self.scheduler.wait(op)
+        finally:
+            self.scheduler.leave(op)
+        return outcome_or_raise(op)
+
+    async def h_submit(self, call: IncomingCall) -> dict[str, Any]:
+        job, priority = job_from_args(call.args)
+        op = await self.scheduler.submit(job, priority=priority, detached=True)
+        return op.to_wire()
+
+    async def h_get(self, call: IncomingCall) -> dict[str, Any]:
+        name, owner = self._owner(call.args)
+        if owner != self.node.id:
+            return await self.cluster.connection_to(owner).call("sched.get", {"name": name})
+        return self._local(name).to_wire()
+
+    async def h_wait(self, call: IncomingCall) -> dict[str, Any]:
+        name, owner = self._owner(call.args)
+        if owner != self.node.id:
+            return await self.cluster.connection_to(owner).call("sched.wait", {"name": name})
+        op = await self.scheduler.wait(self._local(name))
+        return op.to_wire()
+
+    async def h_cancel(self, call: IncomingCall) -> bool:
+        name, owner = self._owner(call.args)
+        if owner != self.node.id:
+            return await self.cluster.connection_to(owner).call("sched.cancel", {"name": name})
+        return self.scheduler.cancel(self._local(name), reason=f"{name} was cancelled by {call.peer.node}")
+
+    async def h_watch(self, call: IncomingCall) -> dict[str, Any]:
+        name, owner = self._owner(call.args)
+        if owner != self.node.id:
+            conn = self.cluster.connection_to(owner)
+            async with conn.open_call("sched.watch", {"name": name}) as remote:
+                async for chunk in remote:
+                    await call.send(chunk)
+                return await remote.result()
+        op = self._local(name)
+        async for snapshot in self.scheduler.watch(op):
+            await call.send(msgpack.packb(snapshot.to_wire()))
+        return op.to_wire()
+
+    async def h_list(self, call: IncomingCall) -> list[dict[str, Any]]:
+        args = call.args if isinstance(call.args, dict) else {}
+        state = args.get("state")
+        limit = args.get("limit", 1000)
+        states = {s.value: s for s in State}
+        if state is not None and state not in states:
+            raise InvalidArgument(f"state must be one of {', '.join(states)}, got {state!r}")
+        if type(limit) is not int or not 0 <= limit <= MAX_LIST:
+            raise InvalidArgument(f"limit must be an integer from 0 to {MAX_LIST}, got {limit!r}")
+        ops = [op for op in self.scheduler.table if state is None or op.state is states[state]]
+        return [op.to_wire() for op in ops[:limit]]
+
+    async def h_status(self, call: IncomingCall) -> dict[str, Any]:
+        return self.info()
+
+    async def h_gossip(self, call: IncomingCall) -> dict[str, Any]:
+        return self.cluster.on_gossip(call.args, observed_host=_remote_host(call.connection))
+
+
+def _remote_host(conn: Connection) -> str | None:
+    """The IP a connection comes from (to fill in a peer that listens on 0.0.0.0)."""
+    stream = conn.stream
+    while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
+        stream = stream.transport_stream  # TLS over TCP
+    sock = getattr(stream, "socket", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else None
+    except (OSError, IndexError, TypeError):
+        return None
+
+
+@asynccontextmanager
+async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
+    """The sched part: registers its methods, runs the scheduler, the cluster and --metrics."""
+    config = node.config
+    registry = Registry()
+
+    async def push(conn: Connection, job: Job) -> None:
+        await push_inputs_from(node, conn, job)
+
+    cluster = Cluster(
+        node=node.id,
+        address=lambda: node.address,
+        seeds=tuple(config.peers),
+        token=config.token,
+        ssl_context=node.client_ssl_context(),
+        push_inputs=push if node.parts.get("storage") is not None else None,
+    )
+    scheduler = Scheduler(
+        node=node.id,
+        executor=EngineExecutor(node),
+        capacity=max(1, config.max_concurrency),
+        max_queue=max(0, config.max_queue),
+        placement=cluster,
+        registry=registry,
+    )
+    cluster.attach(scheduler)
+    part = SchedPart(node, scheduler, cluster, registry)
+    routes = {
+        "sched.execute": part.h_execute,
+        "sched.forward": part.h_forward,
+        "sched.submit": part.h_submit,
+        "sched.get": part.h_get,
+        "sched.wait": part.h_wait,
+        "sched.watch": part.h_watch,
+        "sched.cancel": part.h_cancel,
+        "sched.list": part.h_list,
+        "sched.status": part.h_status,
+        "sched.gossip": part.h_gossip,
+    }
+    for name, handler in routes.items():
+        node.router.add(name, handler)
+    if "execute" not in node.router:
+        node.router.add("execute", part.h_execute)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        await nursery.start(cluster.run)
+        if config.metrics:
+            part.metrics_address = await nursery.start(serve_metrics, config.metrics, part.render_metrics)
+        try:
+            yield part
+        finally:
+            nursery.cancel_scope.cancel()
+

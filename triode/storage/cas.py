@@ -1,0 +1,564 @@
+"""The async CAS interface, and what every local store shares.
+
+A local store (:class:`~triode.storage.disk.DiskCAS`, :class:`~triode.storage.memory.MemoryCAS`)
+supplies three primitives: which digests it lacks, a reader, and a :class:`Writer`.
+This base builds the whole API on them, so verification, the empty blob, concurrent
+puts of one blob, resumable uploads and the backing tier (read-through, write-through,
+one shared fetch per missing blob) are written once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..errors import BlobNotFound, DigestMismatch, FailedPrecondition, TooLarge, TriodeError
+from .digest import EMPTY, Digest, Hasher
+
+if TYPE_CHECKING:
+    from .tier import Backing
+
+__all__ = [
+    "CAS",
+    "Writer",
+    "PartialUploads",
+    "READ_CHUNK",
+    "WRITE_BATCH",
+    "DEFAULT_MAX_BLOB_SIZE",
+    "digest_of",
+    "hash_file",
+    "file_chunks",
+    "bytes_chunks",
+    "write_chunks",
+]
+
+#: Bytes read per thread hop when streaming a blob out of a store or a file.
+READ_CHUNK = 1024 * 1024
+#: Bytes gathered from an upload before one thread hop hashes and writes them.
+WRITE_BATCH = 1024 * 1024
+#: Batches an upload may gather ahead of the one being written.
+WRITE_AHEAD = 2
+#: Below this, hashing or reading inline costs less than a thread hop.
+INLINE_LIMIT = 64 * 1024
+DEFAULT_MAX_BLOB_SIZE = 64 * 1024**3
+
+
+async def digest_of(data: bytes | bytearray | memoryview) -> Digest:
+    """The digest of ``data``, hashed off the event loop when it is large."""
+    if len(data) <= INLINE_LIMIT:
+        return Digest.of(data)
+    return await trio.to_thread.run_sync(Digest.of, data)
+
+
+def _hash_file_sync(path: Path) -> Digest:
+    hasher = Hasher()
+    with open(path, "rb") as f:
+        while block := f.read(READ_CHUNK):
+            hasher.update(block)
+    return hasher.digest()
+
+
+async def hash_file(path: Path) -> Digest:
+    """The digest of a local file, hashed in a worker thread."""
+    return await trio.to_thread.run_sync(_hash_file_sync, Path(path))
+
+
+class bytes_chunks:  # noqa: N801 - used like a function
+    """An async iterator over ``data`` in slices of ``size`` (memoryviews: no copies)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview, size: int = READ_CHUNK) -> None:
+        self._view = memoryview(data).cast("B")
+        self._size = size
+        self._pos = 0
+
+    def __aiter__(self) -> bytes_chunks:
+        return self
+
+    async def __anext__(self) -> memoryview:
+        if self._pos >= len(self._view):
+            raise StopAsyncIteration
+        await trio.lowlevel.checkpoint()
+        piece = self._view[self._pos : self._pos + self._size]
+        self._pos += len(piece)
+        return piece
+
+
+class file_chunks:  # noqa: N801 - used like a function
+    """An async iterator over a local file from ``offset``, read in a worker thread.
+
+    Use it as an async context manager (or call :meth:`close`) so the file is closed
+    even when the reader stops early.
+    """
+
+    def __init__(self, path: Path, offset: int = 0, size: int = READ_CHUNK) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file.seek(offset)
+        self._size = size
+
+    async def __aenter__(self) -> file_chunks:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __aiter__(self) -> file_chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        block = await trio.to_thread.run_sync(self._file.read, self._size)
+        if not block:
+            self.close()
+            raise StopAsyncIteration
+        return block
+
+
+async def write_chunks(reader: AbstractAsyncContextManager[AsyncIterator[bytes]], path: Path) -> None:
+    """Write what ``reader`` yields to ``path``: a temp file beside it, renamed once complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
+    f = await trio.to_thread.run_sync(open, tmp, "wb")
+    try:
+        with f:
+            async with reader as chunks:
+                async for chunk in chunks:
+                    if len(chunk) <= INLINE_LIMIT:
+                        f.write(chunk)
+                    else:
+                        await trio.to_thread.run_sync(f.write, chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Empty:
+    def __aiter__(self) -> _Empty:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+class Writer(ABC):
+    """One blob being written: hashed and counted as it goes, stored only on commit."""
+
+    def __init__(self, digest: Digest) -> None:
+        self.digest = digest
+        self.hasher = Hasher()
+        self.done = False
+
+    @property
+    def offset(self) -> int:
+        """Bytes written (and hashed) so far: where a resumed upload continues."""
+        return self.hasher.size
+
+    @abstractmethod
+    async def write(self, chunks: list[bytes | memoryview]) -> None:
+        """Hash and write ``chunks``; they never take the blob past its digest's size."""
+
+    @abstractmethod
+    async def _store(self) -> None:
+        """Make the verified bytes the stored blob (atomically)."""
+
+    @abstractmethod
+    def _drop(self) -> None:
+        """Forget the bytes written so far (close and delete a temp file)."""
+
+    async def commit(self) -> None:
+        if self.hasher.size != self.digest.size:
+            raise DigestMismatch(
+                f"upload ended after {self.hasher.size} of the {self.digest.size} bytes of {self.digest}",
+                expected=str(self.digest), received=self.hasher.size,
+            )
+        self.hasher.verify(self.digest)
+        await self._store()
+        self.done = True
+
+    def discard(self) -> None:
+        """Drop a writer that will not be committed; safe to call twice or after commit."""
+        if not self.done:
+            self.done = True
+            self._drop()
+
+
+class _Partial:
+    __slots__ = ("writer", "touched", "active")
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.touched = time.monotonic()
+        self.active = True
+
+
+class PartialUploads:
+    """Uploads that may be resumed, by upload id: bounded in number and in idle time.
+
+    An upload with an id that is cut (cancelled, connection lost) is *parked* here with
+    the bytes it had written; a client resumes it by sending the same id and the
+    committed offset. The oldest parked upload goes when there are too many; parked
+    ones idle past ``max_age`` are dropped by :meth:`sweep`; :meth:`clear` drops all.
+    """
+
+    def __init__(self, *, max_count: int = 64, max_age: float = 600.0) -> None:
+        self.max_count = max_count
+        self.max_age = max_age
+        self._items: OrderedDict[str, _Partial] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def status(self, upload_id: str) -> tuple[Digest, int, bool] | None:
+        item = self._items.get(upload_id)
+        if item is None:
+            return None
+        return item.writer.digest, item.writer.offset, item.active
+
+    def begin(self, upload_id: str, writer: Writer) -> None:
+        if upload_id in self._items:
+            raise FailedPrecondition(f"upload {upload_id} already exists; resume it or use a new id")
+        self._items[upload_id] = _Partial(writer)
+        self._evict_over_count()
+
+    def resume(self, upload_id: str, digest: Digest, offset: int) -> Writer:
+        item = self._items.get(upload_id)
+        committed = item.writer.offset if item is not None and item.writer.digest == digest else 0
+        if item is None or item.writer.digest != digest:
+            raise FailedPrecondition(
+                f"no partial upload {upload_id} of {digest} here (it may have expired); "
+                "start again from offset 0", upload_id=upload_id, committed=0,
+            )
+        if item.active:
+            raise FailedPrecondition(
+                f"upload {upload_id} is still running on another call; retry once it has stopped",
+                upload_id=upload_id, committed=committed, retry_after=1.0,
+            )
+        if offset != committed:
+            raise FailedPrecondition(
+                f"upload {upload_id} has {committed} bytes committed; resume from offset {committed}, "
+                f"not {offset}", upload_id=upload_id, committed=committed,
+            )
+        item.active = True
+        item.touched = time.monotonic()
+        self._items.move_to_end(upload_id)
+        return item.writer
+
+    def park(self, upload_id: str) -> None:
+        item = self._items.get(upload_id)
+        if item is not None:
+            item.active = False
+            item.touched = time.monotonic()
+
+    def finish(self, upload_id: str) -> None:
+        """The upload is over (stored or failed for good): forget it, dropping its bytes."""
+        item = self._items.pop(upload_id, None)
+        if item is not None:
+            item.writer.discard()
+
+    def _evict_over_count(self) -> None:
+        for upload_id in [k for k, v in self._items.items() if not v.active]:
+            if len(self._items) <= self.max_count:
+                break
+            self.finish(upload_id)
+
+    def sweep(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        stale = [k for k, v in self._items.items() if not v.active and now - v.touched > self.max_age]
+        for upload_id in stale:
+            self.finish(upload_id)
+        return len(stale)
+
+    def clear(self) -> None:
+        for upload_id in list(self._items):
+            item = self._items.pop(upload_id)
+            item.writer.discard()
+
+
+class CAS(ABC):
+    """A content-addressed store of blobs, keyed by :class:`Digest`. Every method is async."""
+
+    #: Shown by ``node.info``: "disk", "memory", "remote".
+    kind = "cas"
+
+    def __init__(
+        self,
+        *,
+        max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+        max_partial_uploads: int = 64,
+        partial_max_age: float = 600.0,
+    ) -> None:
+        self.max_blob_size = max_blob_size
+        self.uploads = PartialUploads(max_count=max_partial_uploads, max_age=partial_max_age)
+        #: A tier behind this one (set by the storage part when the node has ``--backing``).
+        self.backing: Backing | None = None
+        self.counters: Counter[str] = Counter()
+        self._writing: dict[Digest, trio.Event] = {}
+
+    # -- what each store provides ----------------------------------------------------------
+
+    @abstractmethod
+    async def _missing_local(self, digests: list[Digest]) -> list[Digest]:
+        """Which of ``digests`` (non-empty, distinct) this tier lacks; the others count as used."""
+
+    @abstractmethod
+    def _read_local(self, digest: Digest, offset: int) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Chunks of a stored blob from ``offset``; BlobNotFound on entry when it is absent."""
+
+    @abstractmethod
+    def _new_writer(self, digest: Digest) -> Writer:
+        """A writer for a blob this tier lacks (may raise ResourceExhausted when full)."""
+
+    async def _get_small_local(self, digest: Digest) -> bytes | None:
+        """A small blob in one piece, or None when absent (stores override it to go faster)."""
+        try:
+            async with self._read_local(digest, 0) as chunks:
+                return b"".join([bytes(c) async for c in chunks])
+        except BlobNotFound:
+            return None
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "partial_uploads": len(self.uploads), **self.counters}
+        if self.backing is not None:
+            out["backing"] = self.backing.info()
+        return out
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def check_size(self, digest: Digest) -> None:
+        if digest.size > self.max_blob_size:
+            raise TooLarge(
+                f"blob {digest} is {digest.size} bytes, over this store's limit of {self.max_blob_size}",
+                size=digest.size, limit=self.max_blob_size,
+            )
+
+    # -- the API ---------------------------------------------------------------------------
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The digests not stored (in order, without duplicates); the empty blob is never missing.
+
+        With a backing tier, a blob the backing node holds is not missing (a read
+        fetches it); the backing node is asked once for the whole batch.
+        """
+        wanted = list(dict.fromkeys(d for d in digests if d.size))
+        if not wanted:
+            return []
+        missing = await self._missing_local(wanted)
+        self.counters["find_missing_digests"] += len(wanted)
+        if missing and self.backing is not None:
+            missing = await self.backing.find_missing(missing)
+        return missing
+
+    async def contains(self, digest: Digest) -> bool:
+        return not await self.find_missing([digest])
+
+    async def put(self, data: bytes | bytearray | memoryview, digest: Digest | None = None) -> Digest:
+        """Store ``data``; when ``digest`` is given the bytes must match it (DigestMismatch)."""
+        if digest is None:
+            digest = await digest_of(data)
+        return await self.put_stream(bytes_chunks(data), digest)
+
+    async def put_stream(
+        self,
+        chunks: AsyncIterable[bytes | memoryview],
+        digest: Digest,
+        *,
+        upload_id: str | None = None,
+        offset: int = 0,
+    ) -> Digest:
+        """Store the bytes ``chunks`` yields under ``digest``, verified as they are written.
+
+        A blob already stored returns at once without reading ``chunks`` (an upload can
+        stop early); concurrent puts of one blob write it once. With ``upload_id`` the
+        upload is resumable: if it is cut, the bytes written so far are kept (see
+        :class:`PartialUploads`) and a later call with the same id and ``offset`` equal
+        to the committed size sends only the rest.
+        """
+        self.check_size(digest)
+        if digest.size == 0:
+            await _expect_no_bytes(chunks)
+            return digest
+        while True:
+            if not await self._missing_local([digest]):
+                if upload_id is not None:
+                    self.uploads.finish(upload_id)
+                self.counters["puts_present"] += 1
+                return digest
+            event = self._writing.get(digest)
+            if event is None:
+                break
+            await event.wait()
+        if offset < 0 or offset > digest.size:
+            raise FailedPrecondition(f"offset {offset} is outside blob {digest}")
+        event = self._writing[digest] = trio.Event()
+        try:
+            if offset:
+                if upload_id is None:
+                    raise FailedPrecondition("an upload can start past offset 0 only to resume an upload id")
+                writer = self.uploads.resume(upload_id, digest, offset)
+            else:
+                writer = self._new_writer(digest)
+                if upload_id is not None:
+                    self.uploads.finish(upload_id)  # a restart from 0 replaces an old partial
+                    self.uploads.begin(upload_id, writer)
+            try:
+                await self._fill(writer, chunks)
+                await writer.commit()
+            except trio.Cancelled:
+                if upload_id is not None:
+                    self.uploads.park(upload_id)
+                else:
+                    writer.discard()
+                raise
+            except BaseException:
+                if upload_id is not None:
+                    self.uploads.finish(upload_id)
+                writer.discard()
+                raise
+            if upload_id is not None:
+                self.uploads.finish(upload_id)
+            self.counters["puts"] += 1
+            self.counters["bytes_written"] += digest.size
+        finally:
+            del self._writing[digest]
+            event.set()
+        if self.backing is not None:
+            await self.backing.write_through(self, digest)
+        return digest
+
+    async def _fill(self, writer: Writer, chunks: AsyncIterable[bytes | memoryview]) -> None:
+        """Feed ``chunks`` to ``writer`` in batches; the next batch is gathered while one is written.
+
+        Two tasks joined by a channel of :data:`WRITE_AHEAD` batches: receiving keeps going
+        (and keeps the wire's credit flowing) while a worker thread hashes and writes,
+        with at most that many batches held in memory.
+        """
+        digest = writer.digest
+        send, receive = trio.open_memory_channel[list[bytes | memoryview]](WRITE_AHEAD)
+
+        async def gather() -> None:
+            async with send:
+                batch: list[bytes | memoryview] = []
+                batched = 0
+                total = writer.offset
+                async for chunk in chunks:
+                    n = len(chunk)
+                    if not n:
+                        continue
+                    total += n
+                    if total > digest.size:
+                        raise DigestMismatch(
+                            f"upload is longer than the {digest.size} bytes of {digest}",
+                            expected=str(digest),
+                        )
+                    batch.append(chunk)
+                    batched += n
+                    if batched >= WRITE_BATCH:
+                        await send.send(batch)
+                        batch, batched = [], 0
+                if batch:
+                    await send.send(batch)
+
+        async def write() -> None:
+            async with receive:
+                async for batch in receive:
+                    await writer.write(batch)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                await gather()
+        except BaseExceptionGroup as group:  # one failure at a time: raise it as itself
+            if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], trio.Cancelled):
+                raise group.exceptions[0] from None
+            raise
+
+    async def put_file(self, path: Path, digest: Digest | None = None) -> Digest:
+        """Store a local file (hashed first, in a thread, when ``digest`` is not given)."""
+        path = Path(path)
+        if digest is None:
+            digest = await hash_file(path)
+        self.check_size(digest)
+        if not await self.find_missing([digest]):
+            return digest
+        async with file_chunks(path) as chunks:
+            return await self.put_stream(chunks, digest)
+
+    async def get(self, digest: Digest, *, limit: int | None = None) -> bytes:
+        """The whole blob (BlobNotFound; TooLarge when it is over ``limit`` bytes)."""
+        if limit is not None and digest.size > limit:
+            raise TooLarge(f"blob {digest} is {digest.size} bytes, over the limit of {limit} asked for",
+                           size=digest.size, limit=limit)
+        if digest.size == 0:
+            return b""
+        if digest.size <= INLINE_LIMIT:
+            data = await self._get_small_local(digest)
+            if data is not None:
+                self.counters["hits"] += 1
+                return data
+        async with self.open_read(digest) as chunks:
+            return b"".join([bytes(c) async for c in chunks])
+
+    @asynccontextmanager
+    async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Chunks of the blob from ``offset``; leaving the block early stops the read."""
+        if not 0 <= offset <= digest.size:
+            raise FailedPrecondition(f"offset {offset} is outside blob {digest}")
+        if digest.size == 0 or offset == digest.size:
+            yield _Empty()
+            return
+        async with AsyncExitStack() as stack:
+            try:
+                chunks = await stack.enter_async_context(self._read_local(digest, offset))
+            except BlobNotFound:
+                if self.backing is None:
+                    self.counters["misses"] += 1
+                    raise
+                await self.backing.fetch(self, digest)
+                chunks = await stack.enter_async_context(self._read_local(digest, offset))
+            else:
+                self.counters["hits"] += 1
+            yield chunks
+
+    async def write_to(self, digest: Digest, path: Path) -> None:
+        """Write the blob to ``path`` (through a temp file beside it, renamed into place)."""
+        await write_chunks(self.open_read(digest), Path(path))
+
+    async def batch_read(self, digests: Iterable[Digest]) -> dict[Digest, bytes | None]:
+        """Many small blobs at once: each digest to its bytes, or None when missing."""
+        out: dict[Digest, bytes | None] = {}
+        for digest in dict.fromkeys(digests):
+            try:
+                out[digest] = await self.get(digest)
+            except BlobNotFound:
+                out[digest] = None
+        return out
+
+    async def batch_update(self, blobs: Iterable[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
+        """Many small blobs at once; each digest to None (stored) or the error it got."""
+        out: dict[Digest, Exception | None] = {}
+        for digest, data in blobs:
+            try:
+                await self.put(data, digest)
+                out[digest] = None
+            except TriodeError as exc:
+                out[digest] = exc
+        return out
+
+    async def aclose(self) -> None:
+        """Drop partial uploads (their temp files go with them)."""
+        self.uploads.clear()
+
+
+async def _expect_no_bytes(chunks: AsyncIterable[bytes | memoryview]) -> None:
+    async for chunk in chunks:
+        if len(chunk):
+            raise DigestMismatch(f"upload is longer than the 0 bytes of {EMPTY}", expected=str(EMPTY))

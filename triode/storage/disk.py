@@ -1,0 +1,561 @@
+"""The disk CAS: one read-only file per blob under ``cas/ab/cd/HASH``, raw bytes.
+
+Raw at rest so the engine can hard-link inputs into work directories. A blob is
+written to a temp file in ``tmp/`` (same filesystem), hashed and counted as it is
+written, fsynced, made read-only and renamed into place, and the directory is
+fsynced: a crash leaves either the whole blob under its name or nothing (plus a
+temp file, swept when a store opens the directory again).
+
+The store keeps its own record of use (an LRU index of hash to size, in memory,
+saved on close and rebuilt by a stat-level :meth:`DiskCAS.scan`) for eviction; the
+filesystem stays the truth about what exists, so serving needs no index at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from ..errors import BlobNotFound, ResourceExhausted, TooLarge
+from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Writer
+from .digest import EMPTY, Digest
+
+__all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write"]
+
+#: A temp file whose writer is gone for this long is swept even if its pid was reused.
+TEMP_MAX_AGE = 24 * 3600.0
+_INDEX_FILE = "lru.msgpack"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp(tmp_dir: Path) -> int:
+    """Remove temp files left by writers that are gone (a crashed process). Returns the count."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(tmp_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        pid_text = entry.name.split(".", 1)[0]
+        try:
+            stale = not pid_text.isdigit() or not _pid_alive(int(pid_text))
+            stale = stale or now - entry.stat(follow_symlinks=False).st_mtime > TEMP_MAX_AGE
+            if stale:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: Path) -> None:
+    """Make ``path`` (and parents), fsyncing each new one's parent so the entry survives a crash."""
+    if path.is_dir():
+        return
+    _ensure_dir(path.parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    _fsync_dir(path.parent)
+
+
+def _os_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"{what}: the disk is full", retry_after=5.0)
+    return exc
+
+
+def atomic_write(tmp_dir: Path, final: Path, data: bytes, *, mode: int = 0o444) -> None:
+    """Write ``data`` to ``final`` all-or-nothing: temp file, fsync, rename, fsync the dir."""
+    tmp = tmp_dir / f"{os.getpid()}.{final.name[:16]}.{os.urandom(6).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        _ensure_dir(final.parent)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+class Lease:
+    """While held (``with`` or ``async with``), the leased blobs are never evicted."""
+
+    def __init__(self, store: DiskCAS, hashes: list[str]) -> None:
+        self._store = store
+        self._hashes = hashes
+        self._held = False
+
+    def __enter__(self) -> Lease:
+        if not self._held:
+            self._held = True
+            for h in self._hashes:
+                self._store._pins[h] += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            for h in self._hashes:
+                self._store._unpin(h)
+
+
+class DiskCAS(CAS):
+    """Blobs as files under ``root/cas``; ``limit`` bytes at most when given (see eviction)."""
+
+    kind = "disk"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        limit: int | None = None,
+        high_watermark: float = 0.90,
+        low_watermark: float = 0.75,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if not 0 < low_watermark <= high_watermark <= 1:
+            raise ValueError("watermarks need 0 < low <= high <= 1")
+        self.root = Path(root)
+        self.blob_dir = self.root / "cas"
+        self.tmp_dir = self.root / "tmp"
+        self._blob_root = str(self.blob_dir)
+        _ensure_dir(self.blob_dir)
+        _ensure_dir(self.tmp_dir)
+        self.limit = limit
+        if limit is not None:
+            self.max_blob_size = min(self.max_blob_size, limit)
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        #: Temp files of crashed writers removed when the store opened.
+        self.swept = sweep_temp(self.tmp_dir)
+        self._index: OrderedDict[str, int] = OrderedDict()  # hash -> size, least recently used first
+        self._bytes = 0
+        self._reserved = 0
+        self._pins: Counter[str] = Counter()
+        self._evicting: set[str] = set()
+        self._space = trio.Event()  # set when writers should wake the janitor
+        #: Whether the index covers every blob on disk (after :meth:`scan`).
+        self.scanned = False
+        self.scan_seconds: float | None = None
+        empty = self._path(EMPTY.hash)
+        if not empty.exists():
+            atomic_write(self.tmp_dir, empty, b"")
+
+    # -- layout ----------------------------------------------------------------------------
+
+    def _path(self, h: str) -> Path:
+        return self.blob_dir / h[:2] / h[2:4] / h
+
+    def _str_path(self, h: str) -> str:
+        return f"{self._blob_root}/{h[:2]}/{h[2:4]}/{h}"  # pathlib costs more than the stat
+
+    @property
+    def size(self) -> int:
+        """Bytes of blobs the index knows of (all of them once scanned)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **super().info(),
+            "root": str(self.root),
+            "blobs": len(self._index),
+            "bytes": self._bytes,
+            "writing_bytes": self._reserved,
+            "limit": self.limit,
+            "scanned": self.scanned,
+            "scan_seconds": self.scan_seconds,
+            "leased_or_reading": len(self._pins),
+        }
+
+    # -- the record of use -----------------------------------------------------------------
+
+    def _seen(self, h: str, size: int) -> None:
+        index = self._index
+        if h in index:
+            index.move_to_end(h)
+        else:
+            index[h] = size
+            self._bytes += size
+
+    def _unpin(self, h: str) -> None:
+        n = self._pins[h] - 1
+        if n > 0:
+            self._pins[h] = n
+        else:
+            del self._pins[h]
+
+    # -- the primitives --------------------------------------------------------------------
+
+    def _present_sync(self, digests: list[Digest]) -> list[bool]:
+        out = []
+        path = self._str_path
+        for d in digests:
+            try:
+                out.append(os.stat(path(d.hash)).st_size == d.size)
+            except FileNotFoundError:
+                out.append(False)
+        return out
+
+    async def _missing_local(self, digests: list[Digest]) -> list[Digest]:
+        # The index answers for what it knows. Until the start-up scan has finished it
+        # may not know a stored blob, so the rest is looked up on disk; after it, what the
+        # index does not know is missing (at worst a blob another process put in our
+        # data dir is uploaded again, harmlessly: reads always go to the disk).
+        index = self._index
+        unknown = [d for d in digests if index.get(d.hash) != d.size]
+        if self.scanned:
+            present = [False] * len(unknown)
+            await trio.lowlevel.checkpoint()
+        elif len(unknown) <= 16:
+            present = self._present_sync(unknown)
+            await trio.lowlevel.checkpoint()
+        else:
+            present = await trio.to_thread.run_sync(self._present_sync, unknown)
+        absent = {d for d, here in zip(unknown, present, strict=True) if not here}
+        missing = []
+        evicting = self._evicting
+        seen = self._seen
+        for d in digests:
+            if d in absent or d.hash in evicting:
+                missing.append(d)
+            else:
+                seen(d.hash, d.size)
+        return missing
+
+    def _open_blob(self, digest: Digest) -> int:
+        """An fd of the stored blob, or BlobNotFound (also for a file of the wrong size)."""
+        if digest.hash in self._evicting:
+            raise BlobNotFound(f"blob {digest} is not stored", digest=str(digest))
+        try:
+            fd = os.open(self._str_path(digest.hash), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest} is not stored", digest=str(digest)) from None
+        if os.fstat(fd).st_size != digest.size:
+            os.close(fd)
+            raise BlobNotFound(f"blob {digest} is not stored (a blob of that hash has another size)",
+                               digest=str(digest))
+        self._seen(digest.hash, digest.size)
+        return fd
+
+    async def _get_small_local(self, digest: Digest) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        try:
+            fd = self._open_blob(digest)
+        except BlobNotFound:
+            return None
+        try:
+            return os.pread(fd, digest.size, 0)
+        finally:
+            os.close(fd)
+
+    @asynccontextmanager
+    async def _read_local(self, digest: Digest, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        fd = self._open_blob(digest)
+        self._pins[digest.hash] += 1
+        try:
+            yield _FdChunks(fd, offset, digest.size)
+        finally:
+            self._unpin(digest.hash)
+            os.close(fd)
+
+    def _new_writer(self, digest: Digest) -> Writer:
+        self._reserve(digest.size)
+        try:
+            return _DiskWriter(self, digest)
+        except OSError as exc:
+            self._reserved -= digest.size
+            raise _os_error(exc, f"cannot start writing {digest}") from None
+
+    # -- DiskCAS only ----------------------------------------------------------------------
+
+    def path_of(self, digest: Digest) -> Path | None:
+        """The stored, read-only file of ``digest`` (for hard-linking), or None when absent.
+
+        Hold a :meth:`lease` on it first if it must not be evicted while in use.
+        """
+        if digest.hash in self._evicting:
+            return None
+        path = self._path(digest.hash)
+        try:
+            if os.stat(path).st_size != digest.size:
+                return None
+        except FileNotFoundError:
+            return None
+        self._seen(digest.hash, digest.size)
+        return path
+
+    def lease(self, digests: Iterable[Digest]) -> Lease:
+        """Pin blobs against eviction: ``with cas.lease(digests): ...`` (or ``async with``)."""
+        return Lease(self, [d.hash for d in digests])
+
+    # -- limits and eviction ---------------------------------------------------------------
+
+    def _reserve(self, size: int) -> None:
+        """Count a blob being written against the limit; evict inline or refuse if it does not fit."""
+        if self.limit is None:
+            self._reserved += size
+            return
+        if size > self.limit:
+            raise TooLarge(f"a blob of {size} bytes does not fit a store limited to {self.limit}",
+                           size=size, limit=self.limit)
+        if self._bytes + self._reserved + size > self.limit:
+            victims = self._select_victims(self.limit - self._reserved - size)
+            self._unlink(victims)
+            if self._bytes + self._reserved + size > self.limit:
+                self.counters["refused_full"] += 1
+                raise ResourceExhausted(
+                    f"store at {self.root} is full ({self._bytes} bytes stored, {self._reserved} being "
+                    f"written, limit {self.limit}) and the rest is leased or being read",
+                    retry_after=1.0,
+                )
+        self._reserved += size
+        if self.over_high_watermark():
+            self._space.set()
+
+    def over_high_watermark(self) -> bool:
+        return self.limit is not None and self._bytes + self._reserved > self.limit * self.high_watermark
+
+    async def wait_over_high_watermark(self) -> None:
+        """Wait until the store passes its high watermark (for the janitor)."""
+        while not self.over_high_watermark():
+            self._space = trio.Event()
+            await self._space.wait()
+
+    def _select_victims(self, target: int) -> list[tuple[str, int]]:
+        """Take least recently used blobs nobody holds out of the index until ``target`` remains."""
+        if self._bytes <= target:
+            return []
+        victims = []
+        freed = 0
+        pins = self._pins
+        for h, size in self._index.items():
+            if self._bytes - freed <= target:
+                break
+            if h in pins or h == EMPTY.hash:
+                continue
+            victims.append((h, size))
+            freed += size
+        for h, _ in victims:
+            del self._index[h]
+            self._evicting.add(h)
+        self._bytes -= freed
+        return victims
+
+    def _unlink(self, victims: list[tuple[str, int]]) -> None:
+        try:
+            for h, _ in victims:
+                try:
+                    os.unlink(self._path(h))
+                except FileNotFoundError:
+                    pass
+        finally:
+            for h, _ in victims:
+                self._evicting.discard(h)
+            self.counters["evictions"] += len(victims)
+            self.counters["evicted_bytes"] += sum(s for _, s in victims)
+
+    async def evict(self, target: int | None = None) -> int:
+        """Evict least recently used blobs until at most ``target`` bytes (default: the low
+        watermark) are stored; leased blobs and blobs being read stay. Returns the count."""
+        if target is None:
+            if self.limit is None:
+                return 0
+            target = int(self.limit * self.low_watermark) - self._reserved
+        victims = self._select_victims(max(target, 0))
+        if victims:
+            await trio.to_thread.run_sync(self._unlink, victims)
+        return len(victims)
+
+    # -- start and stop --------------------------------------------------------------------
+
+    def _scan_sync(self) -> dict[str, tuple[int, float]]:
+        found: dict[str, tuple[int, float]] = {}
+        for top in os.scandir(self.blob_dir):
+            if not top.is_dir(follow_symlinks=False):
+                continue
+            for mid in os.scandir(top.path):
+                if not mid.is_dir(follow_symlinks=False):
+                    continue
+                for entry in os.scandir(mid.path):
+                    st = entry.stat(follow_symlinks=False)
+                    found[entry.name] = (st.st_size, st.st_mtime)
+        return found
+
+    def _load_order(self) -> list[str]:
+        try:
+            with open(self.root / _INDEX_FILE, "rb") as f:
+                order = msgpack.unpack(f, raw=False)
+        except (FileNotFoundError, ValueError, msgpack.ExtraData, msgpack.FormatError):
+            return []
+        return order if isinstance(order, list) else []
+
+    async def scan(self) -> None:
+        """Build the index from a stat of every blob file (no blob is read).
+
+        The order of use saved by the last :meth:`save_index` comes first, blobs it
+        did not know (stored by a run that crashed) after it by modification time.
+        """
+        start = time.monotonic()
+        found, order = await trio.to_thread.run_sync(lambda: (self._scan_sync(), self._load_order()))
+        known = self._index
+        rebuilt: OrderedDict[str, int] = OrderedDict()
+        added = 0
+        for h in order:
+            if isinstance(h, str) and h in found and h not in known and h not in rebuilt:
+                rebuilt[h] = found.pop(h)[0]
+                added += rebuilt[h]
+        for h, (size, _) in sorted(found.items(), key=lambda kv: kv[1][1]):
+            if h not in known and h not in rebuilt and len(h) == 64:
+                rebuilt[h] = size
+                added += size
+        # What was used during the scan is more recent than anything the scan found.
+        rebuilt.update(known)
+        self._index = rebuilt
+        self._bytes += added
+        self.scanned = True
+        self.scan_seconds = time.monotonic() - start
+        if self.over_high_watermark():
+            self._space.set()
+
+    def save_index(self) -> None:
+        """Save the order of use, so a restart evicts what was least recently used (blocking)."""
+        if self.scanned:
+            atomic_write(self.tmp_dir, self.root / _INDEX_FILE, msgpack.packb(list(self._index)), mode=0o644)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await trio.to_thread.run_sync(self.save_index)
+
+
+class _FdChunks:
+    """Chunks of an open blob file from an offset; large reads go to a worker thread."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self._fd = fd
+        self._pos = offset
+        self._size = size
+
+    def __aiter__(self) -> _FdChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        n = min(READ_CHUNK, self._size - self._pos)
+        if n <= 0:
+            raise StopAsyncIteration
+        if n <= INLINE_LIMIT:
+            await trio.lowlevel.checkpoint()
+            block = os.pread(self._fd, n, self._pos)
+        else:
+            block = await trio.to_thread.run_sync(os.pread, self._fd, n, self._pos)
+        if not block:
+            raise BlobNotFound("blob file ended early")
+        self._pos += len(block)
+        return block
+
+
+class _DiskWriter(Writer):
+    def __init__(self, store: DiskCAS, digest: Digest) -> None:
+        super().__init__(digest)
+        self._cas = store
+        self.tmp = store.tmp_dir / f"{os.getpid()}.{digest.hash[:16]}.{os.urandom(6).hex()}"
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    async def write(self, chunks: list[bytes | memoryview]) -> None:
+        if sum(map(len, chunks)) <= INLINE_LIMIT:
+            self._write_sync(chunks)
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.to_thread.run_sync(self._write_sync, chunks)
+
+    def _write_sync(self, chunks: list[bytes | memoryview]) -> None:
+        fd = self._fd
+        assert fd is not None
+        try:
+            for chunk in chunks:
+                self.hasher.update(chunk)
+                view = memoryview(chunk).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
+        except OSError as exc:
+            raise _os_error(exc, f"cannot write {self.digest}") from None
+
+    def _commit_sync(self) -> None:
+        fd = self._fd
+        assert fd is not None
+        try:
+            os.fsync(fd)
+            os.fchmod(fd, 0o444)
+        finally:
+            self._fd = None
+            os.close(fd)
+        final = self._cas._path(self.digest.hash)
+        _ensure_dir(final.parent)
+        os.replace(self.tmp, final)
+        _fsync_dir(final.parent)
+
+    async def _store(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._commit_sync)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot store {self.digest}") from None
+        # No await from here on: once stored, the writer is done.
+        store = self._cas
+        store._reserved -= self.digest.size
+        store._seen(self.digest.hash, self.digest.size)
+
+    def _drop(self) -> None:
+        self._cas._reserved -= self.digest.size
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,201 @@
+"""The ``cas.*`` and ``ac.*`` wire methods: thin handlers over a CAS and an action cache.
+
+Each handler checks its arguments (a typed error naming what is wrong), then calls
+the store. Streams: ``cas.put`` reads the upload and answers as soon as it can (at
+once when the blob is already stored); ``cas.get`` streams the blob. Both speak
+``identity`` or ``zstd`` (see :mod:`triode.storage.framing`). Described in full in
+docs/protocol.md, "Methods: cas" and "Methods: ac".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import trio
+
+from ..errors import BlobNotFound, InvalidArgument, TooLarge, TriodeError
+from ..wire.connection import IncomingCall
+from ..wire.router import Router
+from .ac import ActionCache
+from .cas import CAS, INLINE_LIMIT
+from .digest import Digest
+from .framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding, check_level
+
+__all__ = ["register", "MAX_DIGESTS", "BATCH_BYTES", "Upload"]
+
+#: Digests in one ``cas.find_missing`` or ``cas.batch_read`` call.
+MAX_DIGESTS = 100_000
+#: Bytes of blob data in one ``cas.batch_read`` answer or ``cas.batch_update`` call.
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+def _args(call: IncomingCall, *required: str) -> dict[str, Any]:
+    args = call.args
+    if not isinstance(args, dict):
+        raise InvalidArgument(f"{call.method} takes a map of arguments, got {type(args).__name__}")
+    for key in required:
+        if key not in args:
+            raise InvalidArgument(f"{call.method} needs argument {key!r}")
+    return args
+
+
+def _digest_list(call: IncomingCall, value: Any, name: str = "digests") -> list[Digest]:
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{call.method}: {name!r} must be a list of [hash, size]")
+    if len(value) > MAX_DIGESTS:
+        raise TooLarge(
+            f"{call.method}: {len(value)} digests in one call, over {MAX_DIGESTS}; split the batch"
+        )
+    return Digest.from_wire_list(value)
+
+
+def _int_arg(args: dict[str, Any], key: str, default: int = 0) -> int:
+    value = args.get(key, default)
+    if type(value) is not int or value < 0:
+        raise InvalidArgument(f"argument {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class Upload:
+    """The raw bytes of an upload: DATA chunks as they come, or decoded from zstd framing.
+
+    A plain class rather than an async generator, so a reader that stops early
+    (the blob was already there) leaves nothing to finalize.
+    """
+
+    def __init__(self, call: IncomingCall, encoding: str, limit: int) -> None:
+        self._call = call
+        self._decoder = Decoder(limit) if encoding == ZSTD else None
+        self._ready: deque[bytes] = deque()
+
+    def __aiter__(self) -> Upload:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._ready:
+            chunk = await self._call.receive()
+            if chunk is None:
+                if self._decoder is not None:
+                    self._decoder.close()
+                raise StopAsyncIteration
+            if self._decoder is None:
+                return chunk
+            if len(chunk) > INLINE_LIMIT:
+                self._ready.extend(await trio.to_thread.run_sync(self._decoder.feed, chunk))
+            else:
+                self._ready.extend(self._decoder.feed(chunk))
+        return self._ready.popleft()
+
+
+async def encode(encoder: Encoder, chunk: bytes | memoryview) -> list[bytes]:
+    """Frame (and compress) a chunk, in a worker thread when it is large."""
+    if len(chunk) > INLINE_LIMIT:
+        return await trio.to_thread.run_sync(encoder.encode, chunk)
+    return encoder.encode(chunk)
+
+
+def _encoding(call: IncomingCall, args: dict[str, Any]) -> str:
+    encoding = check_encoding(args.get("encoding", IDENTITY))
+    if encoding == ZSTD and ZSTD not in call.connection.features:
+        raise InvalidArgument("zstd was asked for on a connection that did not negotiate it")
+    return encoding
+
+
+def register(router: Router, cas: CAS, ac: ActionCache) -> None:
+    """Add the ``cas.*`` and ``ac.*`` methods to a node's router."""
+
+    async def find_missing(call: IncomingCall) -> dict[str, Any]:
+        digests = _digest_list(call, _args(call, "digests")["digests"])
+        return {"missing": [d.to_wire() for d in await cas.find_missing(digests)]}
+
+    async def put(call: IncomingCall) -> dict[str, Any]:
+        args = _args(call, "digest")
+        digest = Digest.from_wire(args["digest"])
+        offset = _int_arg(args, "offset")
+        upload_id = args.get("upload_id")
+        if upload_id is not None and (type(upload_id) is not str or not 8 <= len(upload_id) <= 128):
+            raise InvalidArgument("upload_id must be a string of 8 to 128 characters (a random uuid)")
+        encoding = _encoding(call, args)
+        cas.check_size(digest)
+        upload = Upload(call, encoding, max(digest.size - offset, 0))
+        await cas.put_stream(upload, digest, upload_id=upload_id, offset=offset)
+        return {"digest": digest.to_wire()}
+
+    async def get(call: IncomingCall) -> dict[str, Any]:
+        args = _args(call, "digest")
+        digest = Digest.from_wire(args["digest"])
+        offset = _int_arg(args, "offset")
+        encoding = _encoding(call, args)
+        encoder = Encoder(check_level(args.get("level", 1))) if encoding == ZSTD else None
+        sent = 0
+        async with cas.open_read(digest, offset) as chunks:
+            async for chunk in chunks:
+                sent += len(chunk)
+                if encoder is None:
+                    await call.send(chunk)
+                else:
+                    for piece in await encode(encoder, chunk):
+                        await call.send(piece)
+        return {"size": sent}
+
+    async def batch_read(call: IncomingCall) -> dict[str, Any]:
+        digests = _digest_list(call, _args(call, "digests")["digests"])
+        total = sum(d.size for d in dict.fromkeys(digests))
+        if total > BATCH_BYTES:
+            raise TooLarge(f"cas.batch_read of {total} bytes is over {BATCH_BYTES}; read large blobs "
+                           "with cas.get or split the batch", size=total, limit=BATCH_BYTES)
+        blobs = []
+        for digest in dict.fromkeys(digests):
+            try:
+                data: bytes | None = await cas.get(digest)
+            except BlobNotFound:
+                data = None
+            blobs.append([digest.to_wire(), data])
+        return {"blobs": blobs}
+
+    async def batch_update(call: IncomingCall) -> dict[str, Any]:
+        blobs = _args(call, "blobs")["blobs"]
+        if not isinstance(blobs, list) or not all(
+            isinstance(b, list) and len(b) == 2 and isinstance(b[1], bytes) for b in blobs
+        ):
+            raise InvalidArgument("cas.batch_update: 'blobs' must be a list of [[hash, size], bytes]")
+        total = sum(len(b[1]) for b in blobs)
+        if total > BATCH_BYTES:
+            raise TooLarge(f"cas.batch_update of {total} bytes is over {BATCH_BYTES}; upload large blobs "
+                           "with cas.put or split the batch", size=total, limit=BATCH_BYTES)
+        errors = []
+        for wire_digest, data in blobs:
+            try:
+                digest = Digest.from_wire(wire_digest)
+                await cas.put(data, digest)
+            except TriodeError as exc:
+                errors.append([wire_digest, exc.code, exc.message])
+        return {"errors": errors}
+
+    async def upload_status(call: IncomingCall) -> dict[str, Any]:
+        upload_id = _args(call, "upload_id")["upload_id"]
+        if type(upload_id) is not str:
+            raise InvalidArgument("upload_id must be a string")
+        status = cas.uploads.status(upload_id)
+        if status is None:
+            return {"digest": None, "committed": 0, "active": False}
+        digest, committed, active = status
+        return {"digest": digest.to_wire(), "committed": committed, "active": active}
+
+    async def ac_get(call: IncomingCall) -> dict[str, Any]:
+        key = Digest.from_wire(_args(call, "action_digest")["action_digest"])
+        return {"result": await ac.get(key)}
+
+    async def ac_update(call: IncomingCall) -> None:
+        args = _args(call, "action_digest", "result")
+        await ac.update(Digest.from_wire(args["action_digest"]), args["result"])
+
+    router.add("cas.find_missing", find_missing)
+    router.add("cas.put", put)
+    router.add("cas.get", get)
+    router.add("cas.batch_read", batch_read)
+    router.add("cas.batch_update", batch_update)
+    router.add("cas.upload_status", upload_status)
+    router.add("ac.get", ac_get)
+    router.add("ac.update", ac_update)
