@@ -109,6 +109,7 @@ class Node:
         self._nursery = nursery
         self._serving: trio.Nursery = nursery  # replaced by open_node once parts are up
         self._connections: set[Connection] = set()
+        self._tls: ssl.SSLContext | None = None  # the server TLS context, set by open_node
         self._conn_config = replace(
             ConnectionConfig(node_id=self.id, required_token=config.token), **config.connection
         )
@@ -186,10 +187,8 @@ class Node:
                 self._serving.start_soon(self._serve_tls_or_plain, stream)
 
     async def _serve_tls_or_plain(self, stream: trio.abc.Stream) -> None:
-        if self.config.tls_cert is not None:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
-            stream = trio.SSLStream(stream, ctx, server_side=True)
+        if self._tls is not None:
+            stream = trio.SSLStream(stream, self._tls, server_side=True)
         await self._serve_connection(stream, self._conn_config)
 
     async def _drain(self) -> None:
@@ -214,8 +213,13 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
         config = replace(config, **options)
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
+    tls = _server_ssl_context(config)  # once, up front: a bad file fails here, not per connection
+    # The caller's exception is held here and raised again once every part is closed, so
+    # that no part's nursery wraps it in an ExceptionGroup on the way out.
+    raised: BaseException | None = None
     async with trio.open_nursery() as nursery:
         node = Node(config, nursery)
+        node._tls = tls
         try:
             async with AsyncExitStack() as parts:
                 for factory in _load_parts():
@@ -233,14 +237,29 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
                         serving.start_soon(_accept_all, node, listeners, accept_scope)
                     try:
                         yield node
-                    except BaseException:
-                        serving.cancel_scope.cancel()
-                        raise
-                    accept_scope.cancel()
-                    await node._drain()
+                    except BaseException as exc:
+                        raised = exc
+                    else:
+                        accept_scope.cancel()
+                        await node._drain()
                     serving.cancel_scope.cancel()
         finally:
             nursery.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
+
+
+def _server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(
+            f"cannot load the TLS certificate {config.tls_cert} and key {config.tls_key}: {exc}"
+        ) from None
+    return ctx
 
 
 async def _listen(address: str) -> list[trio.SocketListener]:

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from ...errors import Cancelled, DeadlineExceeded, ResourceExhausted, RuntimeMissing, ToolError, TriodeError
+from ...nursery import open_service_nursery
 from .runtimes import find_runtime
 from .validation import (
     encode_input,
@@ -439,18 +440,12 @@ async def open_tool_pool(config: ToolPoolConfig | None = None, **options: Any) -
         config = ToolPoolConfig(**options)
     elif options:
         config = replace(config, **options)
-    try:
-        async with trio.open_nursery() as nursery:
-            pool = ToolPool(config, nursery)
-            if config.idle_timeout is not None:
-                nursery.start_soon(pool._reap_idle, config.idle_timeout)
-            try:
-                yield pool
-            finally:
-                pool.close()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # Worker tasks never raise, so what is here came from the block: give it back unwrapped.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+    async with open_service_nursery() as nursery:
+        pool = ToolPool(config, nursery)
+        if config.idle_timeout is not None:
+            nursery.start_soon(pool._reap_idle, config.idle_timeout)
+        try:
+            yield pool
+        finally:
+            pool.close()
+            nursery.cancel_scope.cancel()

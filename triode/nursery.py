@@ -1,0 +1,32 @@
+"""A nursery that a context manager can yield from without wrapping its caller's errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+__all__ = ["open_service_nursery"]
+
+
+@asynccontextmanager
+async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery for background tasks whose block's own exception comes out as itself.
+
+    Context managers that run background tasks (a node, a connection, a tool pool) yield
+    inside their nursery. With strict exception groups, whatever the caller's block
+    raised would leave wrapped in an ExceptionGroup, so ``except BlobNotFound`` around a
+    ``connect()`` block would never match. Here the block's exception is held while the
+    background tasks are cancelled and joined, then raised again unwrapped. A background
+    task's own failure still comes out as a group: that is a crash, not the caller's error.
+    """
+    raised: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            yield nursery
+        except BaseException as exc:
+            raised = exc
+            nursery.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
