@@ -41,3 +41,18 @@ async def test_open_node_lets_the_callers_error_out(tmp_path) -> None:
         with pytest.raises(triode.BlobNotFound):
             async with triode.open_node(data=tmp_path) as node, triode.connect(node.address) as client:
                 await client.cas.get(triode.Digest.of(b"never stored"))
+
+
+async def test_open_node_start_failure_is_not_wrapped(tmp_path) -> None:
+    busy = tmp_path / "file"
+    busy.write_text("a file where the data dir should be")
+    async with no_leaks():
+        with pytest.raises(Exception) as info:
+            async with triode.open_node(data=busy / "data"):
+                pass
+    assert not isinstance(info.value, BaseExceptionGroup)
+
+
+async def test_open_node_accepts_str_paths(tmp_path) -> None:
+    async with triode.open_node(data=str(tmp_path)) as node:
+        assert node.config.data == tmp_path

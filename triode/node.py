@@ -64,6 +64,17 @@ class NodeConfig:
     #: Connection settings (keepalive, windows, limits) for every connection the node serves.
     connection: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("data", "tls_cert", "tls_key", "tls_ca"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "peers", tuple(self.peers))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.max_concurrency < 1 or self.max_queue < 0:
+            raise ValueError("max_concurrency must be at least 1 and max_queue at least 0")
+
 
 class Part(Protocol):
     """One part of a node (storage, engine, tools, sched): it reports its own figures."""
@@ -211,11 +222,10 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
         config = NodeConfig(**options)
     elif options:
         config = replace(config, **options)
-    if (config.tls_cert is None) != (config.tls_key is None):
-        raise ValueError("TLS needs both a certificate and a key")
     tls = _server_ssl_context(config)  # once, up front: a bad file fails here, not per connection
-    # The caller's exception is held here and raised again once every part is closed, so
-    # that no part's nursery wraps it in an ExceptionGroup on the way out.
+    # Any exception (a part failing to start, or the caller's own from the block) is held
+    # and raised again outside the nurseries, so it reaches the caller as itself rather than
+    # wrapped in ExceptionGroups. The caller's is held until every part is closed normally.
     raised: BaseException | None = None
     async with trio.open_nursery() as nursery:
         node = Node(config, nursery)
@@ -243,6 +253,8 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
                         accept_scope.cancel()
                         await node._drain()
                     serving.cancel_scope.cancel()
+        except BaseException as exc:
+            raised = exc
         finally:
             nursery.cancel_scope.cancel()
     if raised is not None:

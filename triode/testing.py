@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .engine.procgroup import proc_stats
+
 __all__ = ["Snapshot", "snapshot", "no_leaks", "child_processes", "open_fds", "live_tasks"]
 
 
@@ -46,28 +48,15 @@ def open_fds() -> dict[int, str]:
 
 def child_processes() -> dict[int, str]:
     """Descendants of this process (children, grandchildren, zombies too) with their state."""
-    parents: dict[int, int] = {}
-    states: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        states[int(entry)] = fields[0].decode()
-    me = os.getpid()
+    stats = list(proc_stats())
     out: dict[int, str] = {}
-    frontier = [me]
+    frontier = [os.getpid()]
     while frontier:
         parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in out:
-                out[pid] = states[pid]
-                frontier.append(pid)
+        for p in stats:
+            if p.ppid == parent and p.pid not in out:
+                out[p.pid] = p.state
+                frontier.append(p.pid)
     return out
 
 

@@ -15,13 +15,13 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
-__all__ = ["open_process_group", "stop_group", "group_alive", "KILL_WAIT"]
+__all__ = ["open_process_group", "stop_group", "group_alive", "proc_stats", "ProcStat", "KILL_WAIT"]
 
 #: How long we wait for a SIGKILLed group to disappear before giving up on it. A
 #: process in uninterruptible sleep (D state) can outlive SIGKILL for a while; we
@@ -32,9 +32,15 @@ PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 
 
-def _members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a group, read from /proc."""
-    found = []
+class ProcStat(NamedTuple):
+    pid: int
+    state: str  # R, S, D, Z (zombie), X (dead) ...
+    ppid: int
+    pgrp: int
+
+
+def proc_stats() -> Iterator[ProcStat]:
+    """Every process on the machine, read from /proc (skipping ones that vanish meanwhile)."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -45,9 +51,13 @@ def _members(pgid: int) -> list[int]:
             continue
         # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            found.append(int(entry.name))
-    return found
+        if len(fields) > 2:
+            yield ProcStat(int(entry.name), fields[0].decode(), int(fields[1]), int(fields[2]))
+
+
+def _members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a group."""
+    return [p.pid for p in proc_stats() if p.pgrp == pgid and p.state not in ("Z", "X")]
 
 
 def group_alive(pgid: int) -> bool:
