@@ -280,3 +280,142 @@ def find_missing(b: Bench) -> None:
                         baseline=("raw socket echo of the request's bytes",
                                   lambda: _raw_echo(port, request_bytes, 1, 1) * n))
         fig.note = f"bar: >= 200,000 digests/s: {'met' if fig.subject.median >= 200_000 else 'MISSED'}"
+
+
+# -- Storage II: the backing tier, eviction, restart --------------------------------------
+
+
+def _fresh_blobs(address: str, count: int, size: int) -> list[Digest]:
+    """Store ``count`` new random blobs on the node at ``address`` (not timed)."""
+    blobs = [os.urandom(size) for _ in range(count)]
+
+    async def main() -> list[Digest]:
+        async with triode.connect(address) as client:
+            if size <= 64 * 1024:
+                await client.cas.batch_update([(Digest.of(x), x) for x in blobs])
+            else:
+                for x in blobs:
+                    await client.cas.put(x)
+        return [Digest.of(x) for x in blobs]
+
+    return trio.run(main)
+
+
+def _read_all(address: str, digests: list[Digest], concurrency: int = 64) -> float:
+    """Get every digest (``concurrency`` at once); bytes/s for one blob, blobs/s for many."""
+    async def main() -> float:
+        async with triode.connect(address) as client:
+            todo = iter(digests)
+
+            async def worker() -> None:
+                for digest in todo:
+                    await client.cas.get(digest)
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as n:
+                for _ in range(min(concurrency, len(digests))):
+                    n.start_soon(worker)
+            elapsed = time.perf_counter() - start
+        if len(digests) == 1:
+            return digests[0].size / elapsed / 1e6
+        return len(digests) / elapsed
+
+    return trio.run(main)
+
+
+@workload("storage.read_through", help="reads through a front node from its backing node, beside direct")
+def read_through(b: Bench) -> None:
+    small = 200 if b.quick else 1000
+    big = (32 if b.quick else 256) * MiB
+    with b.spawn_node() as back, b.spawn_node("--backing", back) as front:
+        b.compare(f"{small} small blobs (1 KiB), read through", "blobs/s",
+                  subject=lambda: _read_all(front, _fresh_blobs(back, small, 1024)),
+                  baseline=("read directly from the backing node",
+                            lambda: _read_all(back, _fresh_blobs(back, small, 1024))))
+        b.compare(f"one {big // MiB} MiB blob, read through", "MB/s",
+                  subject=lambda: _read_all(front, _fresh_blobs(back, 1, big)),
+                  baseline=("read directly from the backing node",
+                            lambda: _read_all(back, _fresh_blobs(back, 1, big))))
+
+
+def _churn(address: str, count: int, size: int) -> tuple[float, int]:
+    """Put ``count`` new blobs of ``size``; blobs/s, and evictions the node made meanwhile."""
+    blobs = [os.urandom(size) for _ in range(count)]
+
+    async def main() -> tuple[float, int]:
+        async with triode.connect(address) as client:
+            before = (await client.info())["storage"]["cas"].get("evictions", 0)
+            todo = iter(blobs)
+
+            async def worker() -> None:
+                for x in todo:
+                    await client.cas.put(x)
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as n:
+                for _ in range(8):
+                    n.start_soon(worker)
+            elapsed = time.perf_counter() - start
+            after = (await client.info())["storage"]["cas"].get("evictions", 0)
+        return count / elapsed, after - before
+
+    return trio.run(main)
+
+
+@workload("storage.eviction", help="puts under churn past --cache-size (evicting) vs an unlimited node")
+def eviction(b: Bench) -> None:
+    count = 500 if b.quick else 2000
+    size = 64 * 1024
+    cache = 16 * MiB  # a fraction of what each repetition writes, so most puts evict
+    evictions: list[int] = []
+
+    def churned() -> float:
+        rate, evicted = _churn(limited, count, size)
+        evictions.append(evicted)
+        return rate
+
+    with b.spawn_node("--cache-size", str(cache)) as limited, b.spawn_node() as unlimited:
+        fig = b.compare(f"{count} puts of 64 KiB past a 16 MiB cache", "blobs/s",
+                        subject=churned,
+                        baseline=("the same puts, no cache limit", lambda: _churn(unlimited, count, size)[0]))
+        fig.note = f"evictions per repetition: {sorted(evictions)}"
+
+
+def _populate(data_dir: str, count: int) -> None:
+    """Lay out ``count`` small blobs as a node stores them (without going through a node)."""
+    root = os.path.join(data_dir, "cas")
+    for i in range(count):
+        blob = i.to_bytes(8, "big") * 16
+        h = hashlib.sha256(blob).hexdigest()
+        shard = os.path.join(root, h[:2], h[2:4])
+        os.makedirs(shard, exist_ok=True)
+        with open(os.path.join(shard, h), "wb") as f:
+            f.write(blob)
+
+
+def _restart(b: Bench, data_dir: str, probe: Digest) -> float:
+    """Seconds from starting ``triode node`` over ``data_dir`` to its first answer."""
+    start = time.perf_counter()
+    with b.spawn_node("--data", data_dir) as address:
+        async def main() -> None:
+            async with triode.connect(address) as client:
+                assert await client.cas.find_missing([probe]) == []
+
+        trio.run(main)
+        return time.perf_counter() - start
+
+
+@workload("storage.restart", help="start-up time of a node over a data dir of 100,000 blobs")
+def restart(b: Bench) -> None:
+    count = 20_000 if b.quick else 100_000
+    full = str(b.tmpdir / "full-data")
+    empty = str(b.tmpdir / "empty-data")
+    _populate(full, count)
+    os.makedirs(empty, exist_ok=True)
+    probe = Digest.of((count - 1).to_bytes(8, "big") * 16)
+    empty_probe = Digest.of(b"")
+    fig = b.compare(f"start and answer, {count:,} blobs", "s",
+                    subject=lambda: _restart(b, full, probe),
+                    baseline=("start and answer, empty data dir", lambda: _restart(b, empty, empty_probe)),
+                    better="lower")
+    fig.note = f"bar: serving within 5 s: {'met' if fig.subject.max <= 5 else 'MISSED'}"

@@ -108,3 +108,46 @@ def test_env_is_clean_and_set_by_flags(cwd: Path, home: Path) -> None:
     finally:
         del os.environ[env_secret]
     assert sorted(done.stdout.decode().splitlines()) == ["A=1", "PATH=/usr/local/bin:/usr/bin:/bin"]
+
+
+def test_readme_example_compile_twice_second_is_a_hit(cwd: Path, home: Path) -> None:
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler here")
+    (cwd / "hello.c").write_text('#include <stdio.h>\nint main(void){puts("hello");return 0;}\n')
+    cmd = ["--input", "hello.c", "--output", "hello", "--result-json", "r.json", "--",
+           "cc", "-O2", "-o", "hello", "hello.c"]
+    assert triode_run(cwd, home, *cmd).returncode == 0
+    assert json.loads((cwd / "r.json").read_text())["cached"] is False
+    (cwd / "hello").unlink()
+    assert triode_run(cwd, home, *cmd).returncode == 0
+    assert json.loads((cwd / "r.json").read_text())["cached"] is True
+    assert subprocess.run([str(cwd / "hello")], capture_output=True).stdout == b"hello\n"
+
+
+def test_remote_node_inputs_up_outputs_back(cwd: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "TRIODE_HOME": str(tmp_path / "unused")}
+    node = subprocess.Popen(
+        [sys.executable, "-m", "triode", "node", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "node")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+    )
+    try:
+        assert node.stderr is not None
+        line = node.stderr.readline().decode()
+        assert line.startswith("listening on "), line
+        address = line.split()[-1]
+        (cwd / "src" / "deep").mkdir(parents=True)
+        (cwd / "src" / "deep" / "a.txt").write_text("A")
+        script = ("mkdir -p out/empty out/sub && cp src/deep/a.txt out/sub/copy.txt && "
+                  "ln -s sub/copy.txt out/link && printf x > out/sub/run.sh && chmod +x out/sub/run.sh")
+        done = triode_run(cwd, tmp_path / "unused", "--remote", address, "--input", "src",
+                          "--output", "out", "--", "sh", "-c", script)
+        assert done.returncode == 0, done.stderr
+        assert (cwd / "out" / "sub" / "copy.txt").read_text() == "A"
+        assert os.readlink(cwd / "out" / "link") == "sub/copy.txt"
+        assert (cwd / "out" / "empty").is_dir()
+        assert os.access(cwd / "out" / "sub" / "run.sh", os.X_OK)
+    finally:
+        node.terminate()
+        node.wait(30)

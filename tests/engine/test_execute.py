@@ -223,3 +223,12 @@ async def test_abandoned_work_dirs_of_a_dead_node_are_removed(tmp_path: Path) ->
     other.close()
     live.close()
     assert sorted(os.listdir(base)) == []
+
+
+async def test_a_result_too_large_for_a_frame_is_refused(rig: Rig) -> None:
+    from triode.errors import OutputTooLarge
+
+    deep = "/".join(["d" * 200] * 18)  # ~3.6 KB per path, ~1,200 files: over 4 MiB encoded
+    script = f"mkdir -p out/{deep} && cd out/{deep} && for i in $(seq 1 1200); do : > f$i; done"
+    with pytest.raises(OutputTooLarge):
+        await rig.executor.execute(sh(script, outputs=("out",)))

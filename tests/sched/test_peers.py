@@ -21,6 +21,10 @@ def test_seed_becomes_alive_then_suspect_then_dead_then_is_kept():
     m = Membership(me="me", my_address="h:1", seeds=("h:2",), interval=0.5)
     (peer,) = list(m)
     assert peer.state is PeerState.SUSPECT and peer.seed
+    m.tick(now=5.0)  # never heard from: aged from here, not from the epoch
+    assert peer.state is PeerState.SUSPECT
+    m.tick(now=9.1)
+    assert peer.state is PeerState.DEAD
     m.heard("h:2", gossip("b", "h:2"), now=10.0)
     assert peer.state is PeerState.ALIVE and peer.node == "b"
     m.tick(now=11.0)

@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from triode.errors import Cancelled, ResourceExhausted, ToolError, Unavailable
+from triode.sched.job import Job
 from triode.sched.operations import State
 from triode.sched.scheduler import Scheduler, outcome_or_raise
 from triode.testing import no_leaks
@@ -281,3 +282,17 @@ async def test_leaving_the_scheduler_cancels_and_joins_everything():
             await sched.submit(job(f"k{i}"), detached=True)
         await ex.wait_running(2)
     assert ex.cancelled["k0"] == 1 and ex.cancelled["k1"] == 1 and ex.running == 0
+
+
+async def test_a_forwarded_job_is_never_forwarded_again():
+    placement = FakePlacement({"p1": 1})
+    async with running(capacity=1, placement=placement) as (sched, ex), trio.open_nursery() as n:
+        n.start_soon(sched.execute, job("busy"))
+        await ex.wait_running(1)
+        forwarded = Job(key="hop", action=None, forwarded_from="other-node")
+        n.start_soon(sched.execute, forwarded)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sched.table.queued == 1 and not placement.forwarded  # one hop at most
+        ex.release("busy")
+        ex.release("hop")
+    assert ex.finished["hop"] == 1

@@ -152,3 +152,14 @@ async def test_status_command_against_a_node(node):
         assert await proc.wait() == 0
     text = out.decode()
     assert node.id in text and "executing" in text and "peers" in text
+
+
+async def test_an_unreachable_seed_is_suspect_then_dead_and_the_node_still_closes_cleanly():
+    async with no_leaks(), triode.open_node(peers=("127.0.0.1:1",)) as node, node.connect() as client:
+        async def dead():
+            peers = (await client.status())["sched"]["peers"]
+            return peers and peers[0]["state"] == "dead"
+
+        await wait_for(dead, within=20, every=0.1)
+        outcome = await client.operations.execute(Action(argv=("true",)))  # runs locally meanwhile
+        assert outcome["result"]["exit_code"] == 0

@@ -261,3 +261,14 @@ async def test_lease_is_sync_and_async(tmp_path) -> None:
     assert store.info()["leased_or_reading"] == 0
 
 
+
+
+async def test_memory_lease_protects_from_eviction() -> None:
+    store = MemoryCAS(limit=10_000)
+    kept = await store.put(os.urandom(4000))
+    assert store.path_of(kept) is None
+    with store.lease([kept]):
+        await store.put(os.urandom(4000))
+        await store.put(os.urandom(4000))
+        assert await store.find_missing([kept]) == []
+    assert store.size <= 10_000

@@ -164,11 +164,13 @@ async def test_existing_blob_stops_the_upload_early(client: triode.Client) -> No
     assert source.sent * 64 * 1024 < 4 * MiB  # stopped once the node answered
 
 
-async def test_cancel_put_from_the_client(tmp_path) -> None:
-    data = os.urandom(8 * MiB)
+@pytest.mark.parametrize("encoding", ["identity", "zstd"])
+async def test_cancel_put_from_the_client(tmp_path, encoding: str) -> None:
+    data = _data(8 * MiB, "random" if encoding == "identity" else "compressible")
     async with no_leaks():
         async with triode.open_node(listen="127.0.0.1:0", data=tmp_path) as node:
             async with triode.connect(node.address) as client:
+                client.cas.compression = encoding
                 with trio.move_on_after(0.5) as scope:
                     await client.cas.put_stream(_Source(data, hang_after=12), Digest.of(data))
                 assert scope.cancelled_caught

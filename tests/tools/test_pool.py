@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from triode.engine.procgroup import group_alive
 from triode.engine.tools import Runtime, ToolPool, find_runtime, open_tool_pool
 from triode.engine.tools.pool import worker_env
-from triode.engine.tools.worker import WorkerSpec, run_worker
+from triode.engine.tools.worker import Worker, WorkerSpec, run_worker
 from triode.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -28,6 +29,16 @@ from triode.testing import child_processes, no_leaks
 FIXTURES = Path(__file__).with_name("fixtures")
 JS = FIXTURES / "tools.mjs"
 TS = FIXTURES / "tools.ts"
+
+
+async def busy_worker(pool: ToolPool) -> Worker:
+    """The worker serving a call, once one is (bounded: a slow machine gets time, not a failure)."""
+    with trio.fail_after(20):
+        while True:  # noqa: ASYNC110 - polling the pool's workers
+            for worker in pool.workers():
+                if worker.busy:
+                    return worker
+            await trio.sleep(0.01)
 
 
 async def test_javascript_and_typescript_tools(pool: ToolPool) -> None:
@@ -180,7 +191,7 @@ async def test_cancelling_the_caller_kills_the_worker(pool: ToolPool) -> None:
             await pool.call(JS, "hang", timeout=30)
 
         nursery.start_soon(caller)
-        await trio.sleep(0.3)  # the call is now in the worker
+        assert (await busy_worker(pool)).pid == stuck
         nursery.cancel_scope.cancel()
     assert not group_alive(stuck)
     assert await pool.call(JS, "pid") != stuck
@@ -264,7 +275,7 @@ async def test_no_worker_left_after_the_pool_closes(runtime: str) -> None:
             assert len(pids) == 2
             async with trio.open_nursery() as nursery:  # a call in flight when the pool closes
                 nursery.start_soon(pool.call, JS, "hang")
-                await trio.sleep(0.2)
+                await busy_worker(pool)
                 nursery.cancel_scope.cancel()
         assert not any(group_alive(pid) for pid in pids)
     assert set(child_processes()) <= before
@@ -287,7 +298,7 @@ async def test_timeout_covers_waiting_for_a_worker(runtime: str) -> None:
         busy = await pool.call(JS, "pid")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.call, JS, "hang")
-            await trio.sleep(0.2)
+            await busy_worker(pool)
             with pytest.raises(DeadlineExceeded, match="no worker .* was free"):
                 await pool.call(JS, "echo", 1, timeout=0.3)
             assert group_alive(busy)  # waiting too long kills nobody
@@ -298,9 +309,10 @@ async def test_too_many_waiting_callers_are_refused(runtime: str) -> None:
     async with no_leaks(), open_tool_pool(size=1, runtime=runtime, max_waiting=1) as pool:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.call, JS, "hang")  # holds the only worker
-            await trio.sleep(0.2)
+            await busy_worker(pool)
             nursery.start_soon(pool.call, JS, "echo")  # waits
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.info()["pools"][0]["waiting"] == 1
             with pytest.raises(ResourceExhausted) as info:
                 await pool.call(JS, "echo")
             assert info.value.retry_after is not None

@@ -192,7 +192,7 @@ async def test_leaving_open_node_lets_calls_finish_then_cancels_the_rest(tmp_pat
     outcomes: dict[float, Any] = {}
     async with no_leaks():
         async with trio.open_nursery() as outer:
-            async with triode.open_node(listen="127.0.0.1:0", data=tmp_path, shutdown_grace=1.0) as node:
+            async with triode.open_node(listen="127.0.0.1:0", data=tmp_path, shutdown_grace=3.0) as node:
                 node.router.add("test.sleepy", sleepy)
                 started = trio.Event()
 
@@ -257,3 +257,57 @@ async def test_streams_over_tcp_arrive_intact(node: triode.Node, client: triode.
         await call.send(blob)
         expected.update(blob)
         assert await call.result() == expected.hexdigest()
+
+
+async def test_a_client_written_from_the_protocol_doc(node: triode.Node) -> None:
+    """Only msgpack, a socket and docs/protocol.md: hello, calls, ping, a download with credits."""
+    payload = bytes(range(256)) * 40_000  # 10 MB: more than one window
+
+    async def blob(call: IncomingCall) -> int:
+        await call.send(payload)
+        return len(payload)
+
+    node.router.add("test.blob", blob)
+    stream = await raw(node.address)
+    decoder = codec.Decoder(2**31)
+
+    async def send(*message: Any) -> None:
+        body = msgpack.packb(list(message), use_bin_type=True)
+        await stream.send_all(struct.pack(">I", len(body)) + body)
+
+    async def receive() -> list[Any]:
+        while (m := decoder.next_message()) is None:
+            decoder.receive_data(await stream.receive_some())
+        return m
+
+    async with stream:
+        await send(0, {"version": 1, "node": "doc-client", "features": [], "window": 65536,
+                       "max_frame": 1 << 20, "max_calls": 8})
+        kind, hello_ = await receive()
+        assert kind == 0 and hello_["node"] == node.id and hello_["version"] == 1
+        await send(1, 1, "node.ping", None, {"timeout": 5.0})
+        await send(1, 3, "node.info", None, {})
+        await send(8, 1234)
+        got = {}
+        for _ in range(3):
+            m = await receive()
+            got[(m[0], m[1])] = m
+        assert got[(2, 1)] == [2, 1, None]
+        assert got[(2, 3)][2]["node"] == node.id
+        assert got[(9, 1234)] == [9, 1234]
+        # A download: credit granted as we read, never more than our window outstanding.
+        await send(1, 5, "test.blob", None, {"down": True})
+        received, unacknowledged = bytearray(), 0
+        while True:
+            m = await receive()
+            if m[0] == 5:
+                received += m[2]
+                unacknowledged += len(m[2])
+                assert unacknowledged <= 65536
+                if unacknowledged >= 32768:
+                    await send(7, 5, unacknowledged)
+                    unacknowledged = 0
+            elif m[0] == 2:
+                assert m[1:] == [5, len(payload)]
+                break
+        assert received == payload

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from ..errors import TriodeError
 from ..node import NodeConfig, open_node
 from .common import parse_size, read_token
 
@@ -58,10 +59,20 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 async def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_node(config) as node:
-            print(f"listening on {node.address}", file=sys.stderr, flush=True)
-            async for signum in signals:
-                print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
-                break
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_node(config) as node:
+                print(f"listening on {node.address}", file=sys.stderr, flush=True)
+                async for signum in signals:
+                    print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+                    break
+    except BaseExceptionGroup as group:
+        # A node that cannot start (address in use, bad TLS files) fails inside its
+        # nurseries; show the one error that says why, not a tree of tracebacks.
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, TriodeError):
+            raise leaf from None
+        raise
     return 0

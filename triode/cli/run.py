@@ -102,8 +102,11 @@ async def run(args: argparse.Namespace) -> int:
                     raise
                 log.info("inputs went missing between upload and execute; uploading again")
         result = outcome.result
-        log.info("action %s: %s on %s", outcome.action_digest, "cache hit" if outcome.cached else "ran",
-                 result["node"])
+        if outcome.cached:
+            log.info("action %s: cache hit (it ran on %s)", outcome.action_digest, result["node"])
+        else:
+            log.info("action %s: ran on %s in %.3fs", outcome.action_digest, result["node"],
+                     result["timings"]["running"])
         await _copy_blob(client.cas, result["stdout"]["digest"], sys.stdout)
         await _copy_blob(client.cas, result["stderr"]["digest"], sys.stderr)
         written = await write_outputs(client.cas, result, cwd)

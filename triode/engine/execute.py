@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 
-from ..errors import InvalidArgument, TriodeError
+from ..errors import InvalidArgument, OutputTooLarge, TriodeError
+from ..storage.ac import referenced_blobs
 from ..storage.digest import Digest
 from .action import Action
 from .outputs import scan_outputs
@@ -34,6 +37,11 @@ log = logging.getLogger("triode.engine")
 
 #: Results queued for the action cache behind their answers.
 WRITE_BEHIND = 64
+#: The largest result an execution may return (it must fit a frame and an action cache entry).
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+#: Small action results kept in memory for repeat lookups, and what "small" means.
+RECENT_RESULTS = 4096
+RECENT_MAX_OUTPUTS = 64
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class Executor:
         self._link, self._guard = link_policy(self.config.link_inputs)
         #: Results on their way to the action cache (see write_behind).
         self._pending: dict[Digest, dict[str, Any]] = {}
+        #: Recently written or read small results, most recent last (see lookup).
+        self._recent: OrderedDict[Digest, dict[str, Any]] = OrderedDict()
         self._writes: trio.MemorySendChannel[tuple[Digest, dict[str, Any]]] | None = None
         self.counters = {
             "executed": 0, "cache_hits": 0, "cache_writes": 0, "failed": 0, "timed_out": 0,
@@ -105,13 +115,10 @@ class Executor:
         """
         digest = action.digest()
         try:
-            if not skip_cache and not action.do_not_cache:
-                hit = self._pending.get(digest)
-                if hit is None:
-                    hit = await self.ac.get(digest)
+            if not skip_cache:
+                hit = await self.lookup(action)
                 if hit is not None:
-                    self.counters["cache_hits"] += 1
-                    return ExecuteOutcome(digest, True, hit)
+                    return hit
             self.counters["running"] += 1
             try:
                 result = await self._run(action, digest, queued)
@@ -121,6 +128,43 @@ class Executor:
             self.counters["cancelled" if _only_cancelled(exc) else "errors"] += 1
             raise
         return ExecuteOutcome(digest, False, result)
+
+    async def lookup(self, action: Action) -> ExecuteOutcome | None:
+        """The cached outcome of ``action``, or None; never runs anything.
+
+        Sees results still on their way to the action cache (see :meth:`write_behind`).
+        An action marked ``do_not_cache`` is never a hit.
+        """
+        if action.do_not_cache:
+            return None
+        digest = action.digest()
+        hit = self._pending.get(digest)
+        if hit is None:
+            hit = self._recent.get(digest)
+            if hit is not None:
+                if await self.cas.find_missing(referenced_blobs(hit)):
+                    del self._recent[digest]  # a blob it names is gone: ask the cache proper
+                    hit = None
+                else:
+                    self._recent.move_to_end(digest)
+        if hit is None:
+            hit = await self.ac.get(digest)
+            if hit is None:
+                return None
+            self._remember(digest, hit)
+        self.counters["cache_hits"] += 1
+        return ExecuteOutcome(digest, True, hit)
+
+    def _remember(self, digest: Digest, result: dict[str, Any]) -> None:
+        """Keep a small result in memory: a repeat is then answered without reading a file."""
+        if len(result["output_files"]) + len(result["output_symlinks"]) + len(
+            result["output_directories"]
+        ) > RECENT_MAX_OUTPUTS:
+            return
+        self._recent[digest] = result
+        self._recent.move_to_end(digest)
+        while len(self._recent) > RECENT_RESULTS:
+            self._recent.popitem(last=False)
 
     async def _run(self, action: Action, digest: Digest, queued: float) -> dict[str, Any]:
         started = trio.current_time()
@@ -180,6 +224,13 @@ class Executor:
             "node": self.node_id,
             "executed_at": time.time(),
         }
+        size = len(msgpack.packb(result, use_bin_type=True))
+        if size > MAX_RESULT_BYTES:
+            raise OutputTooLarge(
+                f"the action's result is {size} bytes encoded (over {MAX_RESULT_BYTES}): it lists "
+                f"{found.count()} outputs; collect fewer paths or archive them into one file",
+                size=size, limit=MAX_RESULT_BYTES,
+            )
         self.counters["executed"] += 1
         if run.timed_out:
             self.counters["timed_out"] += 1
@@ -200,13 +251,15 @@ class Executor:
                 pass
             except trio.ClosedResourceError:
                 pass
-            try:
-                await self.ac.update(digest, result)
-            finally:
-                self._pending.pop(digest, None)
-        else:
+        try:
             await self.ac.update(digest, result)
+        except (TriodeError, OSError) as exc:  # the run's answer stands; it is just not cached
+            log.warning("could not cache the result of action %s: %s", digest, exc)
+            return
+        finally:
+            self._pending.pop(digest, None)
         self.counters["cache_writes"] += 1
+        self._remember(digest, result)
 
     async def write_behind(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write action results to the cache after their callers have their answer.
@@ -225,7 +278,8 @@ class Executor:
                 try:
                     await self.ac.update(digest, result)
                     self.counters["cache_writes"] += 1
-                except TriodeError as exc:
+                    self._remember(digest, result)
+                except (TriodeError, OSError) as exc:
                     log.warning("could not cache the result of action %s: %s", digest, exc)
                 finally:
                     if self._pending.get(digest) is result:

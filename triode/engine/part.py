@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from .workdir import WorkDirs, temporary_base
 if TYPE_CHECKING:
     from ..node import Node
 
-__all__ = ["EnginePart", "open_engine", "engine_factory"]
+__all__ = ["EnginePart", "open_engine"]
 
 
 @dataclass
@@ -32,6 +32,10 @@ class EnginePart:
     ) -> ExecuteOutcome:
         """Answer from the action cache or run ``action`` now (see :meth:`Executor.execute`)."""
         return await self.executor.execute(action, skip_cache=skip_cache, queued=queued)
+
+    async def lookup(self, action: Action) -> ExecuteOutcome | None:
+        """The cached outcome of ``action`` (results being written included), or None."""
+        return await self.executor.lookup(action)
 
     def info(self) -> dict[str, Any]:
         return self.executor.info()
@@ -55,6 +59,7 @@ async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIt
             async with trio.open_nursery() as nursery:
                 await nursery.start(executor.write_behind)
                 await nursery.start(workdirs.remover)
+                await nursery.start(workdirs.refiller)
                 # "execute" itself is the scheduler's: admission control in front of this.
                 node.router.add("engine.execute", execute_handler(part.execute))
                 try:
@@ -66,11 +71,3 @@ async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIt
         finally:
             workdirs.close()
 
-
-def engine_factory(config: EngineConfig) -> Callable[[Node], AbstractAsyncContextManager[EnginePart]]:
-    """A part factory with non-default settings (grace, output cap), for embedding and tests."""
-
-    def factory(node: Node) -> AbstractAsyncContextManager[EnginePart]:
-        return open_engine(node, config)
-
-    return factory

@@ -24,6 +24,8 @@ __all__ = ["WorkDirs", "remove_tree", "scratch_of"]
 
 #: Finished work dirs queued for removal behind their executions.
 REMOVE_BEHIND = 64
+#: Fresh work dirs made ahead of need.
+READY = 8
 
 log = logging.getLogger("triode.engine")
 
@@ -85,6 +87,11 @@ def _remove(path: Path) -> None:
         remove_tree(scratch)
 
 
+def _remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        _remove(path)
+
+
 class WorkDirs:
     """Where this node's executions get their directories."""
 
@@ -94,6 +101,10 @@ class WorkDirs:
         self._lock_path = base / f"{node_id}.lock"
         self._lock_fd: int | None = None
         self._removals: trio.MemorySendChannel[Path] | None = None
+        #: Fresh dirs made ahead by refiller; never handed out twice.
+        self._ready: list[Path] = []
+        self._low = trio.Event()
+        self._stopping = False
 
     def open(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -144,8 +155,13 @@ class WorkDirs:
         Its scratch space (see :func:`scratch_of`) goes with it. With :meth:`remover`
         running, the removal happens just behind the block's end, off its caller's path.
         """
-        path = self.root / uuid.uuid4().hex
-        path.mkdir()
+        if self._ready:
+            path = self._ready.pop()
+            if len(self._ready) < READY // 2:
+                self._low.set()
+        else:
+            path = self.root / uuid.uuid4().hex
+            path.mkdir()
         try:
             yield path
         finally:
@@ -167,17 +183,53 @@ class WorkDirs:
         task_status.started()
         async with receive:
             async for path in receive:
+                batch = [path]  # whatever else is queued goes in the same thread hop
+                while True:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_remove, path)
+                    await trio.to_thread.run_sync(_remove_all, batch)
+
+    async def refiller(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep up to :data:`READY` fresh, empty dirs made ahead, so an execution does not wait
+        for a mkdir (which, like rmdir, can wait for the journal). Returns on stop_remover."""
+        self._low = trio.Event()
+        self._low.set()
+        task_status.started()
+        while not self._stopping:
+            await self._low.wait()
+            self._low = trio.Event()
+            if self._stopping:
+                break
+            want = READY - len(self._ready)
+            if want > 0:
+                try:
+                    self._ready += await trio.to_thread.run_sync(self._make, want)
+                except OSError as exc:  # executions make their own, and get the error themselves
+                    log.warning("cannot make work dirs ahead in %s: %s", self.root, exc)
+                    return
+
+    def _make(self, n: int) -> list[Path]:
+        made = []
+        for _ in range(n):
+            path = self.root / uuid.uuid4().hex
+            path.mkdir()
+            made.append(path)
+        return made
 
     def stop_remover(self) -> None:
+        """Stop :meth:`remover` (once its queue is done) and :meth:`refiller`."""
+        self._stopping = True
+        self._low.set()
         if self._removals is not None:
             self._removals.close()
 
     def count(self) -> int:
-        """Work dirs that exist right now (the leak tests count them)."""
+        """Work dirs in use or not yet removed right now (the leak tests count them)."""
         try:
-            return len(os.listdir(self.root))
+            return len(os.listdir(self.root)) - len(self._ready)
         except FileNotFoundError:
             return 0
 

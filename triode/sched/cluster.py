@@ -216,7 +216,7 @@ class Cluster:
                 refused = True
                 raise NotAccepted(address, "no connection to it")
             try:
-                if self.push_inputs is not None and job.inputs:
+                if self.push_inputs is not None and job.input_digests():
                     try:
                         await self.push_inputs(conn, job)
                     except TriodeError as exc:  # full disk, size limit there: run it elsewhere

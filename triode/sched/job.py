@@ -26,10 +26,18 @@ class Job:
     wire: Any = None
     skip_cache: bool = False
     dedup: bool = True
-    #: Blobs the action reads, pushed to a peer before it is forwarded there.
-    inputs: tuple[Digest, ...] = field(default=())
+    #: Blobs the action reads, pushed to a peer before it is forwarded there (default:
+    #: the action's own ``input_digests()``, worked out only when it is forwarded).
+    inputs: tuple[Digest, ...] | None = field(default=None)
     #: The node that forwarded this job here; such a job is never forwarded again (one hop).
     forwarded_from: str | None = None
+
+
+    def input_digests(self) -> tuple[Digest, ...]:
+        if self.inputs is not None:
+            return self.inputs
+        digests = getattr(self.action, "input_digests", None)
+        return tuple(sorted(digests())) if digests is not None else ()
 
 
 class Executor(Protocol):

@@ -37,7 +37,7 @@ class Peer:
     node: str | None = None
     state: PeerState = PeerState.SUSPECT  # until we hear from it
     last_heard: float = 0.0
-    since: float = 0.0  # when it entered its state
+    since: float | None = None  # when it entered its state (None: a seed not yet aged)
     #: Last load it reported: executing, capacity, queued, queue_limit.
     load: dict[str, int] = field(default_factory=dict)
     #: Forwards sent and not yet accepted (the last report cannot include them).
@@ -178,7 +178,9 @@ class Membership:
         """Age the peers by missed heartbeats; returns those forgotten."""
         gone = []
         for peer in list(self.peers.values()):
-            silent = now - (peer.last_heard or peer.since)
+            if peer.since is None:  # a seed, aged from the first tick
+                peer.since = now
+            silent = now - (peer.last_heard if peer.last_heard else peer.since)
             if silent >= self.dead_after:
                 self._set_state(peer, PeerState.DEAD, now)
             elif silent >= self.suspect_after and peer.state is PeerState.ALIVE:

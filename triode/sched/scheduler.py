@@ -45,6 +45,7 @@ class Scheduler:
         retention: float = 600.0,
         max_retained: int = 10_000,
         max_attempts: int = 3,
+        settle_timeout: float = 30.0,
         registry: Registry | None = None,
     ) -> None:
         if capacity < 1:
@@ -54,6 +55,8 @@ class Scheduler:
         self.capacity = capacity
         self.placement = placement
         self.max_attempts = max_attempts
+        #: How long a last waiter that cancelled stays for the execution to unwind.
+        self.settle_timeout = settle_timeout
         self.table = OperationTable(
             node=node, limit=max_queue, retention=retention, max_retained=max_retained,
             on_change=self._on_change,
@@ -62,6 +65,7 @@ class Scheduler:
         self.forwarding = 0
         self._wake = trio.lowlevel.ParkingLot()
         self._load_lot = trio.lowlevel.ParkingLot()
+        self._last_load = (0, 0)
         self._lookups: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self.metrics = registry or Registry()
@@ -129,7 +133,7 @@ class Scheduler:
 
     def poke(self) -> None:
         """Something placement depends on changed (a peer's load): look at the queue again."""
-        self._wake.unpark_all()
+        self._place()
 
     # -- running -----------------------------------------------------------------------
 
@@ -150,28 +154,37 @@ class Scheduler:
             self.table.expire(time.time())
 
     async def _dispatch(self) -> None:
+        """Place what can start whenever woken. Most placements happen synchronously, right
+        where a slot frees or a job arrives (:meth:`_place`); this task is the backstop."""
         while True:
-            op = self.table.peek()
-            if op is None:
-                await self._wake.park()
-                continue
+            self._place()
+            await self._wake.park()
+
+    def _place(self) -> None:
+        """Start every queued operation that can start now: on a free local slot, else on a
+        peer with free capacity (never a job forwarded to us). No await: the table cannot
+        change under it."""
+        nursery = self._nursery
+        if nursery is None or nursery.cancel_scope.cancel_called:
+            return
+        while (op := self.table.peek()) is not None:
             job: Job = op.payload
             if self.free_slots > 0:
                 op = self._take()
                 self.local_running += 1
+                self._load_maybe_changed()
                 op.running_on = self.node
-                self._start(self._run_local, op)
+                nursery.start_soon(self._run_local, op)
                 continue
             peer = None
             if self.placement is not None and job.forwarded_from is None:
                 peer = self.placement.pick(job)
-            if peer is not None:
-                op = self._take()
-                self.forwarding += 1
-                op.running_on = peer
-                self._start(self._run_forward, op, peer)
-                continue
-            await self._wake.park()
+            if peer is None:
+                return
+            op = self._take()
+            self.forwarding += 1
+            op.running_on = peer
+            nursery.start_soon(self._run_forward, op, peer)
 
     def _take(self) -> Operation:
         op = self.table.take(time.time())
@@ -179,10 +192,6 @@ class Scheduler:
         self.h_queue.observe(op.started - op.created)  # type: ignore[operator]
         op.scope = trio.CancelScope()
         return op
-
-    def _start(self, fn: Any, *args: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
 
     async def _run_local(self, op: Operation) -> None:
         job: Job = op.payload
@@ -205,8 +214,8 @@ class Scheduler:
         finally:
             self.h_run.observe(trio.current_time() - start)
             self.local_running -= 1
-            self._load_lot.unpark_all()
-            self._wake.unpark_all()
+            self._load_maybe_changed()
+            self._place()  # the slot just freed
 
     async def _run_forward(self, op: Operation, peer: str) -> None:
         job: Job = op.payload
@@ -252,7 +261,7 @@ class Scheduler:
             self._finish_cancelled(op, scope)
         finally:
             self.forwarding -= 1
-            self._wake.unpark_all()
+            self._wake.unpark_all()  # a requeued job, or the peer's slot is free again
 
     def _finish(self, op: Operation, *, outcome: dict[str, Any] | None = None,
                 error: TriodeError | None = None) -> None:
@@ -278,8 +287,16 @@ class Scheduler:
             op.lot.unpark_all()
         if op.done and op.finished_event is not None:
             op.finished_event.set()
-        self._wake.unpark_all()
-        self._load_lot.unpark_all()
+        if op.state is State.QUEUED:  # the only change the dispatcher acts on (a requeue)
+            self._wake.unpark_all()
+        self._load_maybe_changed()
+
+    def _load_maybe_changed(self) -> None:
+        """Wake the gossip of our load only when it did change (a cache hit does not)."""
+        load = (self.local_running, self.table.queued)
+        if load != self._last_load:
+            self._last_load = load
+            self._load_lot.unpark_all()
 
     # -- the API -----------------------------------------------------------------------
 
@@ -348,16 +365,19 @@ class Scheduler:
         else:
             op.waiters += 1
         self.table.touch(op)
+        if not joined:
+            self._place()  # start it now if it can: no trip through the dispatcher task
         return op
 
-    def leave(self, op: Operation) -> None:
-        """A waiter is gone; the last one to leave cancels a non-detached execution."""
+    def leave(self, op: Operation) -> bool:
+        """A waiter is gone; the last one to leave cancels a non-detached execution (True)."""
         if op.done:
-            return
+            return False
         op.waiters -= 1
         self.table.touch(op)
         if op.waiters <= 0 and not op.detached:
-            self.cancel(op, reason=f"{op.name} was cancelled: every caller waiting for it left")
+            return self.cancel(op, reason=f"{op.name} was cancelled: every caller waiting for it left")
+        return False
 
     def cancel(self, op: Operation, *, reason: str | None = None) -> bool:
         """Cancel for everyone: a queued operation is removed, an executing one is killed."""
@@ -404,7 +424,17 @@ class Scheduler:
         try:
             return await self.wait(op)
         finally:
-            self.leave(op)
+            await self.leave_and_settle(op)
+
+    async def leave_and_settle(self, op: Operation) -> None:
+        """:meth:`leave`; if that cancelled the execution, stay until its processes are gone.
+
+        So the call that caused an execution lasts until the execution is over, even when
+        cancelled (a node draining waits for it), bounded by ``settle_timeout``.
+        """
+        if self.leave(op):
+            with trio.CancelScope(shield=True), trio.move_on_after(self.settle_timeout):
+                await self.wait(op)
 
 
 def outcome_or_raise(op: Operation) -> dict[str, Any]:

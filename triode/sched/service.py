@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-import trio
 
 from ..errors import BlobNotFound, FailedPrecondition, InvalidArgument
+from ..nursery import open_service_nursery
 from ..storage.digest import Digest
 from ..wire.connection import Connection, IncomingCall
 from .cluster import Cluster
@@ -53,10 +53,9 @@ def job_from_args(args: Any, *, forwarded_from: str | None = None) -> tuple[Job,
     job = Job(
         key=str(action.digest()),
         action=action,
-        wire=action.to_wire(),
+        wire=rest["action"],  # validated above; forwarded as it came
         skip_cache=skip_cache,
         dedup=not action.do_not_cache,
-        inputs=tuple(sorted(action.input_digests())),
         forwarded_from=forwarded_from,
     )
     return job, priority
@@ -77,22 +76,9 @@ class EngineExecutor:
     async def lookup(self, job: Job) -> dict[str, Any] | None:
         if job.skip_cache or not job.dedup:
             return None
-        engine = self._engine()
-        if hasattr(engine, "lookup"):  # the engine's own answer, when it offers one
-            outcome = await engine.lookup(job.action)
-            return outcome.to_wire() if outcome is not None and hasattr(outcome, "to_wire") else outcome
-        executor = getattr(engine, "executor", None)
-        digest = Digest.parse(job.key)
-        # A result the engine has produced but not yet written behind to the action cache.
-        hit = getattr(executor, "_pending", {}).get(digest)
-        if hit is None:
-            ac = getattr(engine, "ac", None) or getattr(executor, "ac", None)
-            if ac is None:
-                return None
-            hit = await ac.get(digest)
-        if hit is None:
-            return None
-        return {"action_digest": digest.to_wire(), "cached": True, "result": hit}
+        # The engine's own answer: it sees results still being written behind, too.
+        outcome = await self._engine().lookup(job.action)
+        return outcome.to_wire() if outcome is not None else None
 
     async def run(self, job: Job, *, queued: float = 0.0) -> dict[str, Any]:
         engine = self._engine()
@@ -118,7 +104,7 @@ async def push_inputs_from(node: Node, conn: Connection, job: Job) -> None:
     if local is None:
         return
     remote = RemoteCAS(conn)
-    missing = await remote.find_missing(list(job.inputs))
+    missing = await remote.find_missing(list(job.input_digests()))
     small = [d for d in missing if d.size <= SMALL_INPUT]
     batch: list[tuple[Digest, bytes]] = []
     held = 0
@@ -209,7 +195,7 @@ class SchedPart:
             await call.send(msgpack.packb({"operation": op.name}))
             await self.scheduler.wait(op)
         finally:
-            self.scheduler.leave(op)
+            await self.scheduler.leave_and_settle(op)
         return outcome_or_raise(op)
 
     async def h_submit(self, call: IncomingCall) -> dict[str, Any]:
@@ -323,7 +309,7 @@ async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
         node.router.add(name, handler)
     if "execute" not in node.router:
         node.router.add("execute", part.h_execute)
-    async with trio.open_nursery() as nursery:
+    async with open_service_nursery() as nursery:
         await nursery.start(scheduler.run)
         await nursery.start(cluster.run)
         if config.metrics:

@@ -44,6 +44,8 @@ __all__ = [
 READ_CHUNK = 1024 * 1024
 #: Bytes gathered from an upload before one thread hop hashes and writes them.
 WRITE_BATCH = 1024 * 1024
+#: Blobs of one batch read fetched from the backing tier at once.
+BATCH_FETCHES = 16
 #: Batches an upload may gather ahead of the one being written.
 WRITE_AHEAD = 2
 #: Below this, hashing or reading inline costs less than a thread hop.
@@ -386,12 +388,28 @@ class CAS(ABC):
         if digest.size == 0:
             await _expect_no_bytes(chunks)
             return digest
+        written = await self._put_local(chunks, digest, upload_id=upload_id, offset=offset)
+        if self.backing is not None:
+            # Write-through: the put succeeds once the backing node has the blob too. A blob
+            # that was already here may be here because an earlier write-through failed.
+            await self.backing.write_through(self, digest, check_first=not written)
+        return digest
+
+    async def _put_local(
+        self,
+        chunks: AsyncIterable[bytes | memoryview],
+        digest: Digest,
+        *,
+        upload_id: str | None = None,
+        offset: int = 0,
+    ) -> bool:
+        """Store in this tier only; False when the blob was already here (nothing read)."""
         while True:
             if not await self._missing_local([digest]):
                 if upload_id is not None:
                     self.uploads.finish(upload_id)
                 self.counters["puts_present"] += 1
-                return digest
+                return False
             event = self._writing.get(digest)
             if event is None:
                 break
@@ -430,9 +448,7 @@ class CAS(ABC):
         finally:
             del self._writing[digest]
             event.set()
-        if self.backing is not None:
-            await self.backing.write_through(self, digest)
-        return digest
+        return True
 
     async def _fill(self, writer: Writer, chunks: AsyncIterable[bytes | memoryview]) -> None:
         """Feed ``chunks`` to ``writer`` in batches; the next batch is gathered while one is written.
@@ -476,10 +492,8 @@ class CAS(ABC):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write)
                 await gather()
-        except BaseExceptionGroup as group:  # one failure at a time: raise it as itself
-            if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], trio.Cancelled):
-                raise group.exceptions[0] from None
-            raise
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
 
     async def put_file(self, path: Path, digest: Digest | None = None) -> Digest:
         """Store a local file (hashed first, in a thread, when ``digest`` is not given)."""
@@ -533,13 +547,41 @@ class CAS(ABC):
         await write_chunks(self.open_read(digest), Path(path))
 
     async def batch_read(self, digests: Iterable[Digest]) -> dict[Digest, bytes | None]:
-        """Many small blobs at once: each digest to its bytes, or None when missing."""
+        """Many small blobs at once: each digest to its bytes, or None when missing.
+
+        What this tier lacks is fetched from the backing tier concurrently (at most
+        :data:`BATCH_FETCHES` at a time), not one after another.
+        """
         out: dict[Digest, bytes | None] = {}
+        absent = []
         for digest in dict.fromkeys(digests):
-            try:
-                out[digest] = await self.get(digest)
-            except BlobNotFound:
-                out[digest] = None
+            if digest.size == 0:
+                out[digest] = b""
+                continue
+            data = await self._get_small_local(digest) if digest.size <= INLINE_LIMIT else None
+            if data is not None:
+                self.counters["hits"] += 1
+            elif self.backing is None:
+                try:
+                    data = await self.get(digest)
+                except BlobNotFound:
+                    pass
+            elif data is None:
+                absent.append(digest)
+            out[digest] = data
+        if absent:
+            limiter = trio.CapacityLimiter(BATCH_FETCHES)
+
+            async def one(digest: Digest) -> None:
+                async with limiter:
+                    try:
+                        out[digest] = await self.get(digest)
+                    except BlobNotFound:
+                        pass
+
+            async with trio.open_nursery() as nursery:
+                for digest in absent:
+                    nursery.start_soon(one, digest)
         return out
 
     async def batch_update(self, blobs: Iterable[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
@@ -556,6 +598,17 @@ class CAS(ABC):
     async def aclose(self) -> None:
         """Drop partial uploads (their temp files go with them)."""
         self.uploads.clear()
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one error that matters in a group from a two-task pipeline: the real failure, if
+    any (the other task was only cancelled because of it), else the Cancelled itself."""
+    cancelled, others = group.split(trio.Cancelled)
+    source = others if others is not None else cancelled
+    while isinstance(source, BaseExceptionGroup):
+        source = source.exceptions[0]
+    assert source is not None
+    return source
 
 
 async def _expect_no_bytes(chunks: AsyncIterable[bytes | memoryview]) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -78,6 +79,14 @@ class MemoryCAS(CAS):
             if n:
                 self._pins[digest] = n
 
+    def path_of(self, digest: Digest) -> Path | None:
+        """Always None: blobs in memory have no file (callers fall back to :meth:`write_to`)."""
+        return None
+
+    def lease(self, digests: Iterable[Digest]) -> _Lease:
+        """Pin blobs against eviction while held (``with`` or ``async with``), as DiskCAS does."""
+        return _Lease(self._pins, list(digests))
+
     def _new_writer(self, digest: Digest) -> Writer:
         self._reserve(digest.size)
         return _MemoryWriter(self, digest)
@@ -111,6 +120,34 @@ class MemoryCAS(CAS):
         if digest not in self._blobs:
             self._blobs[digest] = data
             self._bytes += len(data)
+
+
+class _Lease:
+    def __init__(self, pins: dict[Digest, int], digests: list[Digest]) -> None:
+        self._pins = pins
+        self._digests = digests
+        self._held = False
+
+    def __enter__(self) -> _Lease:
+        if not self._held:
+            self._held = True
+            for d in self._digests:
+                self._pins[d] = self._pins.get(d, 0) + 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            self._held = False
+            for d in self._digests:
+                n = self._pins.pop(d) - 1
+                if n:
+                    self._pins[d] = n
+
+    async def __aenter__(self) -> _Lease:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
 
 
 class _Slices:

@@ -19,6 +19,7 @@ from .cas import CAS
 from .disk import DiskCAS
 from .memory import MemoryCAS
 from .service import register
+from .tier import Backing
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -27,6 +28,10 @@ __all__ = ["StoragePart", "open_storage", "DEFAULT_MEMORY_LIMIT", "SWEEP_INTERVA
 
 #: What a node without a data dir (or a cache size) keeps in memory.
 DEFAULT_MEMORY_LIMIT = 1024**3
+#: How long a starting node waits for its backing node before serving without it.
+BACKING_START_WAIT = 3.0
+#: Each attempt to reach the backing node gives up after this long.
+BACKING_CONNECT_TIMEOUT = 3.0
 #: How often stale partial uploads are looked for.
 SWEEP_INTERVAL = 30.0
 
@@ -75,6 +80,19 @@ async def open_storage(node: Node) -> AsyncIterator[StoragePart]:
             nursery.start_soon(_sweep_uploads, cas)
             if isinstance(cas, DiskCAS):
                 nursery.start_soon(_janitor, cas)
+            if config.backing is not None:
+                from ..client import connect
+
+                backing = Backing(
+                    config.backing,
+                    lambda: connect(config.backing, token=config.token, ssl_context=node.client_ssl_context(),
+                                    connect_timeout=BACKING_CONNECT_TIMEOUT),
+                    nursery,
+                )
+                cas.backing = ac.backing = part.link = backing
+                nursery.start_soon(backing.run)
+                with trio.move_on_after(BACKING_START_WAIT):  # start serving either way
+                    await backing.wait_connected()
             yield part
             nursery.cancel_scope.cancel()
     finally:

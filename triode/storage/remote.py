@@ -19,10 +19,10 @@ import trio
 
 from ..errors import BlobNotFound, FailedPrecondition, TooLarge, TriodeError, from_wire
 from ..wire.connection import Connection, OutgoingCall
-from .cas import INLINE_LIMIT, bytes_chunks, digest_of, file_chunks, hash_file, write_chunks
+from .cas import INLINE_LIMIT, _single, bytes_chunks, digest_of, file_chunks, hash_file, write_chunks
 from .digest import Digest, Hasher
 from .framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding
-from .service import BATCH_BYTES, encode
+from .service import BATCH_BYTES, pump
 
 __all__ = ["RemoteCAS", "RemoteActionCache"]
 
@@ -224,11 +224,11 @@ class RemoteCAS:
                 raise BlobNotFound(f"blob {digest} is not stored on node {self.connection.peer.node}",
                                    digest=str(digest))
             return data
-        buf = bytearray()
+        parts = []  # bounded by the digest's size; joined once (one copy, not three)
         async with self.open_read(digest, encoding=encoding) as chunks:
             async for chunk in chunks:
-                buf += chunk
-        return bytes(buf)
+                parts.append(chunk)
+        return b"".join(parts)
 
     @asynccontextmanager
     async def open_read(
@@ -258,11 +258,10 @@ async def _send_all(
     call: OutgoingCall, chunks: AsyncIterable[bytes | memoryview], encoder: Encoder | None
 ) -> None:
     """Upload until the chunks end or the node answers early (it had the blob, or refused it)."""
-    async for chunk in chunks:
-        pieces = [chunk] if encoder is None else await encode(encoder, chunk)
-        for piece in pieces:
-            if not await call.send(piece):
-                return
+    try:
+        await pump(chunks, encoder, call.send)
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
 
 
 class _Download:

@@ -10,11 +10,12 @@ docs/protocol.md, "Methods: cas" and "Methods: ac".
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
 import trio
 
-from ..errors import BlobNotFound, InvalidArgument, TooLarge, TriodeError
+from ..errors import InvalidArgument, TooLarge, TriodeError
 from ..wire.connection import IncomingCall
 from ..wire.router import Router
 from .ac import ActionCache
@@ -95,6 +96,46 @@ async def encode(encoder: Encoder, chunk: bytes | memoryview) -> list[bytes]:
     return encoder.encode(chunk)
 
 
+async def pump(
+    chunks: AsyncIterable[bytes | memoryview],
+    encoder: Encoder | None,
+    send: Callable[[bytes | memoryview], Awaitable[bool | None]],
+    *,
+    ahead: int = 2,
+) -> int:
+    """Send ``chunks`` (compressed by ``encoder`` if any), preparing the next while one is sent.
+
+    Reading (a thread hop for a file) and compressing (another) overlap with sending,
+    with at most ``ahead`` prepared chunks held. Stops early, cancelling the reader,
+    when ``send`` returns False (the far side answered). Returns the raw bytes sent.
+    """
+    sent = 0
+    tx, rx = trio.open_memory_channel[tuple[int, list[bytes | memoryview]]](ahead)
+
+    async def prepare() -> None:
+        async with tx:
+            async for chunk in chunks:
+                pieces = [chunk] if encoder is None else await encode(encoder, chunk)
+                await tx.send((len(chunk), pieces))
+
+    stopped = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prepare)
+            async for size, pieces in rx:
+                for piece in pieces:
+                    if await send(piece) is False:
+                        stopped = True
+                        break
+                if stopped:
+                    nursery.cancel_scope.cancel()
+                    break
+                sent += size
+    finally:
+        rx.close()
+    return sent
+
+
 def _encoding(call: IncomingCall, args: dict[str, Any]) -> str:
     encoding = check_encoding(args.get("encoding", IDENTITY))
     if encoding == ZSTD and ZSTD not in call.connection.features:
@@ -128,15 +169,8 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
         offset = _int_arg(args, "offset")
         encoding = _encoding(call, args)
         encoder = Encoder(check_level(args.get("level", 1))) if encoding == ZSTD else None
-        sent = 0
         async with cas.open_read(digest, offset) as chunks:
-            async for chunk in chunks:
-                sent += len(chunk)
-                if encoder is None:
-                    await call.send(chunk)
-                else:
-                    for piece in await encode(encoder, chunk):
-                        await call.send(piece)
+            sent = await pump(chunks, encoder, call.send)
         return {"size": sent}
 
     async def batch_read(call: IncomingCall) -> dict[str, Any]:
@@ -145,14 +179,8 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
         if total > BATCH_BYTES:
             raise TooLarge(f"cas.batch_read of {total} bytes is over {BATCH_BYTES}; read large blobs "
                            "with cas.get or split the batch", size=total, limit=BATCH_BYTES)
-        blobs = []
-        for digest in dict.fromkeys(digests):
-            try:
-                data: bytes | None = await cas.get(digest)
-            except BlobNotFound:
-                data = None
-            blobs.append([digest.to_wire(), data])
-        return {"blobs": blobs}
+        found = await cas.batch_read(digests)
+        return {"blobs": [[d.to_wire(), data] for d, data in found.items()]}
 
     async def batch_update(call: IncomingCall) -> dict[str, Any]:
         blobs = _args(call, "blobs")["blobs"]

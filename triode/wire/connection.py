@@ -52,7 +52,7 @@ PROTOCOL_VERSION = 1
 #: unauthenticated peer cannot make us buffer a large frame.
 HELLO_MAX_FRAME = 64 * 1024
 
-_RECEIVE_SIZE = 1024 * 1024
+_RECEIVE_SIZE = 256 * 1024
 
 #: Control frames (CREDIT, PONG, CANCEL, refusals) allowed to queue beyond the send buffer.
 CONTROL_SLACK = 1024 * 1024
@@ -263,7 +263,8 @@ class OutgoingCall:
         self._inbound = _Inbound(conn, call_id, open_=True) if download else None
         self._outbound = _Outbound(conn, call_id) if upload else None
         self._outcome: tuple[bool, Any] | None = None
-        self._lot = trio.lowlevel.ParkingLot()
+        self._lot: trio.lowlevel.ParkingLot | None = None  # made by result(), if it has to wait
+        self._waiter: trio.lowlevel.Task | None = None  # Connection.call's task, waiting
 
     @property
     def done(self) -> bool:
@@ -299,6 +300,8 @@ class OutgoingCall:
         """Wait for the far side's answer (ending the upload first if still open)."""
         self.end()
         while self._outcome is None:
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
         ok, value = self._outcome
         if ok:
@@ -318,7 +321,11 @@ class OutgoingCall:
                 self._inbound.on_end()
             else:
                 self._inbound.fail(errors.from_wire(*value))
-        self._lot.unpark_all()
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
+        if self._lot is not None:
+            self._lot.unpark_all()
 
 
 class IncomingCall:
@@ -414,6 +421,9 @@ class Connection:
         self._last_receive = 0.0
         self._ping_nonce = itertools.count()
         self._last_peer_id = 0
+        # Calls from the peer wait here for a worker task (see _worker).
+        self._pending: deque[tuple[IncomingCall, Handler]] = deque()
+        self._idle_workers: list[trio.lowlevel.Task] = []
 
     # -- public --------------------------------------------------------------------------
 
@@ -448,8 +458,17 @@ class Connection:
             self._calls[call_id] = call
             try:
                 await self._send_frame(frame)
-                while call._outcome is None:
-                    await call._lot.park()  # a checkpoint, whether or not we had to wait before
+                if call._outcome is None:
+                    # Wait for _resolve to wake this task: the cheapest way trio has.
+                    call._waiter = trio.lowlevel.current_task()
+
+                    def abort(_: Any) -> trio.lowlevel.Abort:
+                        call._waiter = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                else:
+                    await trio.lowlevel.checkpoint()
             finally:
                 self._forget(call)
         finally:
@@ -574,7 +593,8 @@ class Connection:
     def _queue(self, *pieces: bytes | memoryview) -> None:
         self._out.extend(pieces)
         self._out_bytes += sum(map(len, pieces))
-        self._writer_lot.unpark()
+        if self._writer_lot:  # the writer is waiting (else it will find these when it loops)
+            self._writer_lot.unpark()
 
     async def _send_frame(self, *pieces: bytes | memoryview) -> None:
         """Queue a frame (in pieces) once the send buffer has room: backpressure for data
@@ -718,8 +738,35 @@ class Connection:
         self._served[call_id] = call
         if self._served_idle.is_set():  # replace only a spent event: a waiter holds the live one
             self._served_idle = trio.Event()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._serve, call, handler)
+        self._pending.append((call, handler))
+        if self._idle_workers:
+            # Taken off the list here, so the next call wakes (or starts) another.
+            trio.lowlevel.reschedule(self._idle_workers.pop())
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._worker)
+
+    async def _worker(self) -> None:
+        """Serve calls one after another, then wait for the next.
+
+        A task per call costs more than the rest of a small call put together, so the
+        connection keeps the tasks it has started: never more than the most calls it has
+        served at once (at most ``max_calls``), all in its own nursery, gone with it.
+        Each call still runs in its own cancel scope (CANCEL, deadline).
+        """
+        task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle_workers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            if self._pending:
+                call, handler = self._pending.popleft()
+                await self._serve(call, handler)
+            else:
+                self._idle_workers.append(task)
+                await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def _serve(self, call: IncomingCall, handler: Handler) -> None:
         # The call stays in _served until its answer is queued for the socket, so a

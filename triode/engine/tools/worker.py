@@ -103,6 +103,11 @@ class Worker:
     # -- state -----------------------------------------------------------------------------
 
     @property
+    def busy(self) -> bool:
+        """Serving a call right now."""
+        return self._busy
+
+    @property
     def usable(self) -> bool:
         """Alive, answering, and not asked to stop."""
         return not (self._broken or self._stop_requested.is_set() or self.stopped.is_set())

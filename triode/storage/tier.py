@@ -1,0 +1,236 @@
+"""The backing tier: another node holding the authoritative copy behind this node's store.
+
+Writes go through (a put succeeds once the backing node has the blob), reads come
+through (a local miss is fetched from the backing node and kept), and ``find_missing``
+asks the backing node once per batch. Concurrent readers of one missing blob share a
+single fetch; it runs in the storage part's nursery, not in any reader's task, so a
+reader that is cancelled or leaves early does not take the others' data with it. The
+fetch is cancelled only when nobody waits for it any more. A failed fetch is reported
+to every waiter and forgotten, so the next reader tries again.
+
+The connection is kept by :meth:`Backing.run`, which reconnects by itself; while it is
+down, whatever needs the backing node fails at once with :class:`Unavailable` naming
+it, and what the local tier holds keeps being served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..errors import BlobNotFound, ConnectionClosed, TriodeError, Unavailable
+from .cas import bytes_chunks
+from .digest import Digest
+
+if TYPE_CHECKING:
+    from ..client import Client
+    from .cas import CAS
+
+__all__ = ["Backing"]
+
+log = logging.getLogger("triode.storage.tier")
+
+#: Blobs up to this size are fetched with (coalesced) batch reads rather than streams.
+SMALL_FETCH = 64 * 1024
+
+
+class _Fetch:
+    __slots__ = ("done", "error", "waiters", "scope")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: TriodeError | None = None
+        self.waiters = 0
+        self.scope = trio.CancelScope()
+
+
+def _copy(error: TriodeError) -> TriodeError:
+    """A fresh exception per waiter: one object raised in many tasks tangles tracebacks."""
+    return type(error)(error.message, **error.details)
+
+
+class Backing:
+    """The link to a backing node and the tiered operations over it."""
+
+    def __init__(
+        self,
+        address: str,
+        connect: Callable[[], AbstractAsyncContextManager[Client]],
+        nursery: trio.Nursery,
+        *,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.address = address
+        self._connect = connect
+        self._nursery = nursery
+        self._max_backoff = max_backoff
+        self._client: Client | None = None
+        self._error = "not connected yet"
+        self._connected = trio.Event()
+        self._fetches: dict[Digest, _Fetch] = {}
+        self.counters: Counter[str] = Counter()
+
+    # -- the link --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a connection to the backing node, reconnecting with backoff when it drops."""
+        backoff = 0.05
+        while True:
+            try:
+                async with self._connect() as client:
+                    self._client = client
+                    self._connected.set()
+                    self.counters["connects"] += 1
+                    backoff = 0.05
+                    log.info("connected to backing node %s", self.address)
+                    await client.connection.wait_closed()
+                    reason = client.connection.close_reason
+                    self._error = f"lost the connection: {reason}" if reason else "connection closed"
+            except (TriodeError, OSError) as exc:
+                self._error = str(exc) or type(exc).__name__
+            except Exception as exc:  # whatever else ends a connection must not end the node
+                log.warning("connection to backing node %s failed", self.address, exc_info=True)
+                self._error = repr(exc)
+            finally:
+                self._client = None
+                self._connected = trio.Event()
+            log.info("backing node %s unavailable: %s", self.address, self._error)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def client(self) -> Client:
+        """The live client, or Unavailable at once (no waiting for a node that is down)."""
+        client = self._client
+        if client is None or client.connection.closed:
+            self.counters["unavailable"] += 1
+            raise Unavailable(
+                f"backing node {self.address} is unavailable ({self._error}); "
+                "what this node holds locally is still served",
+                node=self.address,
+            )
+        return client
+
+    def _lost(self, exc: ConnectionClosed) -> Unavailable:
+        self.counters["unavailable"] += 1
+        return Unavailable(f"backing node {self.address} is unavailable: {exc}", node=self.address)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "connected": self.connected,
+            "error": None if self.connected else self._error,
+            "fetches_in_flight": len(self._fetches),
+            **self.counters,
+        }
+
+    # -- CAS -------------------------------------------------------------------------------
+
+    async def find_missing(self, digests: list[Digest]) -> list[Digest]:
+        """Which of ``digests`` the backing node lacks (one call per batch)."""
+        client = self.client()
+        self.counters["find_missing_calls"] += 1
+        try:
+            return await client.cas.find_missing(digests)
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from None
+
+    async def write_through(self, store: CAS, digest: Digest, *, check_first: bool) -> None:
+        """Make sure the backing node has ``digest`` (which ``store`` holds)."""
+        client = self.client()
+        try:
+            if check_first and not await client.cas.find_missing([digest]):
+                return
+            if digest.size <= SMALL_FETCH:
+                await client.cas.put(await store.get(digest), digest)
+            else:
+                async with store._read_local(digest, 0) as chunks:
+                    await client.cas.put_stream(chunks, digest)
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from None
+        self.counters["written_through"] += 1
+
+    async def fetch(self, store: CAS, digest: Digest) -> None:
+        """Bring ``digest`` into ``store`` from the backing node, sharing one fetch per blob.
+
+        Raises BlobNotFound when the backing node lacks it too, Unavailable when it is down.
+        """
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            self.client()  # fail fast, before starting anything
+            fetch = self._fetches[digest] = _Fetch()
+            self._nursery.start_soon(self._run_fetch, store, digest, fetch)
+        else:
+            self.counters["fetches_shared"] += 1
+        fetch.waiters += 1
+        try:
+            await fetch.done.wait()
+        finally:
+            fetch.waiters -= 1
+            if fetch.waiters == 0 and not fetch.done.is_set():
+                fetch.scope.cancel()  # nobody wants it any more; a later reader starts afresh
+                if self._fetches.get(digest) is fetch:
+                    del self._fetches[digest]
+        if fetch.error is not None:
+            raise _copy(fetch.error)
+
+    async def _run_fetch(self, store: CAS, digest: Digest, fetch: _Fetch) -> None:
+        try:
+            with fetch.scope:
+                client = self.client()
+                self.counters["fetches"] += 1
+                if digest.size <= SMALL_FETCH:
+                    data = await client.cas.get(digest)
+                    await store._put_local(bytes_chunks(data), digest)
+                else:
+                    async with client.cas.open_read(digest) as chunks:
+                        await store._put_local(chunks, digest)
+                self.counters["fetched_bytes"] += digest.size
+        except BlobNotFound:
+            fetch.error = BlobNotFound(
+                f"blob {digest} is stored neither here nor on backing node {self.address}",
+                digest=str(digest),
+            )
+        except ConnectionClosed as exc:
+            fetch.error = self._lost(exc)
+        except TriodeError as exc:
+            self.counters["fetch_failures"] += 1
+            fetch.error = exc
+        except Exception as exc:  # a bug must reach the waiters, not kill the node
+            log.exception("fetching %s from %s failed", digest, self.address)
+            fetch.error = Unavailable(f"fetching {digest} from backing node {self.address} failed: {exc!r}",
+                                      node=self.address)
+        finally:
+            if fetch.error is None and fetch.scope.cancelled_caught:
+                fetch.error = Unavailable(f"fetch of {digest} was abandoned", node=self.address)
+            if self._fetches.get(digest) is fetch:
+                del self._fetches[digest]
+            fetch.done.set()
+
+    # -- action cache ----------------------------------------------------------------------
+
+    async def ac_get(self, action_digest: Digest) -> dict[str, Any] | None:
+        client = self.client()
+        try:
+            return await client.ac.get(action_digest)
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from None
+
+    async def ac_update(self, action_digest: Digest, result: dict[str, Any]) -> None:
+        client = self.client()
+        try:
+            await client.ac.update(action_digest, result)
+        except ConnectionClosed as exc:
+            raise self._lost(exc) from None
+
