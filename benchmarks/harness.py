@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import pkgutil
 import platform
@@ -26,7 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["workload", "Bench", "Figure", "WORKLOADS", "discover", "machine_line", "run_workloads"]
+__all__ = [
+    "workload",
+    "Bench",
+    "Figure",
+    "WORKLOADS",
+    "discover",
+    "machine_line",
+    "render_markdown",
+    "run_workloads",
+]
 
 REPEAT = 5
 
@@ -150,7 +160,7 @@ class Bench:
         self.figures.append(fig)
         self.progress(
             f"  {self.current}: {figure}: {_fmt(s.median)} {unit} vs {_fmt(b.median)} "
-            f"({label}) = {ratio:.2f}x" + ("" if met is None else (" ok" if met else " MISSED"))
+            f"({label}) = {_ratio(ratio)}" + ("" if met is None else (" ok" if met else " MISSED"))
         )
         return fig
 
@@ -202,6 +212,11 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _ratio(r: float) -> str:
+    """2 decimals, but enough digits that a small ratio does not print as 0.00x."""
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
+
+
 def render_table(figures: Sequence[Figure]) -> str:
     header = ("workload", "figure", "triode median (min-max)", "baseline median (min-max)", "ratio", "target")
     rows = [header]
@@ -220,7 +235,7 @@ def render_table(figures: Sequence[Figure]) -> str:
                 f"{_fmt(f.subject.median)} ({_fmt(f.subject.min)}-{_fmt(f.subject.max)})",
                 f"{f.baseline_label}: {_fmt(f.baseline.median)} "
                 f"({_fmt(f.baseline.min)}-{_fmt(f.baseline.max)})",
-                f"{f.ratio:.2f}x",
+                f"{_ratio(f.ratio)}",
                 target,
             )
         )
@@ -230,31 +245,70 @@ def render_table(figures: Sequence[Figure]) -> str:
     return "\n".join(lines)
 
 
+def render_markdown(figures: Sequence[Figure]) -> str:
+    """The figures as a Markdown table, as the README shows them."""
+    lines = [
+        "| workload | figure | triode (median, min-max) | baseline (median, min-max) | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        target = (
+            ""
+            if f.target is None
+            else (
+                ("&ge; " if f.better == "higher" else "&le; ")
+                + f"{f.target:g}x "
+                + ("met" if f.met else "**missed**")
+            )
+        )
+        lines.append(
+            f"| {f.workload} | {f.figure} [{f.unit}] "
+            f"| {_fmt(f.subject.median)} ({_fmt(f.subject.min)}-{_fmt(f.subject.max)}) "
+            f"| {f.baseline_label}: {_fmt(f.baseline.median)} "
+            f"({_fmt(f.baseline.min)}-{_fmt(f.baseline.max)}) "
+            f"| {_ratio(f.ratio)} | {target} |"
+        )
+    return "\n".join(lines)
+
+
 def render_svg(figures: Sequence[Figure]) -> str:
-    """A bar chart of the ratios, with each target marked: the plot, without a plotting library."""
-    row, left, width = 26, 380, 420
-    height = row * len(figures) + 40
-    top = max([f.ratio for f in figures] + [f.target or 0 for f in figures] + [1.0]) * 1.1
-    scale = width / top
+    """The ratios as bars on a log scale from 1x, each target marked: a plot without a plotting library."""
+    row, left, width = 26, 380, 460
+    height = row * len(figures) + 56
+    values = [f.ratio for f in figures if f.ratio > 0] + [f.target for f in figures if f.target] + [1.0]
+    lo, hi = math.log10(min(values) / 2), math.log10(max(values) * 2)
+
+    def x(ratio: float) -> float:
+        return left + (math.log10(max(ratio, 1e-9)) - lo) / (hi - lo) * width
+
+    def esc(text: str) -> str:
+        return text.replace("&", "&amp;").replace("<", "&lt;")
+
+    one = x(1.0)
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" height="{height}" '
         'font-family="sans-serif" font-size="12">',
-        f'<text x="4" y="16" font-weight="bold">triode / baseline (median ratio); '
-        f"| = target. {machine_line()}</text>",
+        '<rect width="100%" height="100%" fill="#fff"/>',
+        '<text x="4" y="16" font-weight="bold">triode / baseline, median ratio (log scale; '
+        "black tick = target)</text>",
+        f'<text x="4" y="32">{esc(machine_line())}</text>',
+        f'<line x1="{one:.1f}" x2="{one:.1f}" y1="38" y2="{height}" stroke="#888" stroke-dasharray="3,3"/>',
     ]
     for i, f in enumerate(figures):
-        y = 30 + i * row
+        y = 44 + i * row
         colour = "#4a8" if f.met in (True, None) else "#c44"
-        label = f"{f.workload}: {f.figure}"[:60].replace("&", "&amp;").replace("<", "&lt;")
-        out.append(f'<text x="4" y="{y + 14}">{label}</text>')
+        end = x(f.ratio)
+        out.append(f'<text x="4" y="{y + 14}">{esc(f"{f.workload}: {f.figure}"[:60])}</text>')
         out.append(
-            f'<rect x="{left}" y="{y}" width="{max(f.ratio * scale, 1):.1f}" height="18" fill="{colour}"/>'
+            f'<rect x="{min(one, end):.1f}" y="{y}" width="{max(abs(end - one), 1):.1f}" '
+            f'height="18" fill="{colour}"/>'
         )
-        out.append(f'<text x="{left + f.ratio * scale + 4:.1f}" y="{y + 14}">{f.ratio:.2f}x</text>')
+        out.append(f'<text x="{max(one, end) + 4:.1f}" y="{y + 14}">{_ratio(f.ratio)}</text>')
         if f.target is not None:
-            x = left + f.target * scale
+            tx = x(f.target)
             out.append(
-                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y - 2}" y2="{y + 20}" stroke="#000" stroke-width="2"/>'
+                f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y - 2}" y2="{y + 20}" '
+                'stroke="#000" stroke-width="2"/>'
             )
     out.append("</svg>")
     return "\n".join(out)
@@ -301,7 +355,10 @@ def run_workloads(
         }
         json_path.write_text(json.dumps(doc, indent=2))
         json_path.with_suffix(".svg").write_text(render_svg(bench.figures))
-        print(f"wrote {json_path} and {json_path.with_suffix('.svg')}")
+        json_path.with_suffix(".md").write_text(
+            machine_line() + "\n\n" + render_markdown(bench.figures) + "\n"
+        )
+        print(f"wrote {json_path} and, beside it, .svg (plot) and .md (table)")
     if failures:
         raise SystemExit(1)
     return bench.figures
