@@ -82,12 +82,15 @@ _BY_CODE[TriodeError.code] = TriodeError
 
 def from_wire(code: str, message: str, details: dict[str, Any] | None = None) -> TriodeError:
     """Rebuild the error the far side raised; an unknown code becomes a plain TriodeError."""
+    # Details come from the peer: keep what can be keyword arguments, so that no peer can
+    # turn its error into a TypeError on our side.
+    safe = {k: v for k, v in (details or {}).items() if isinstance(k, str) and k != "message"}
     cls = _BY_CODE.get(code)
     if cls is None:
-        err = TriodeError(message, **(details or {}))
+        err = TriodeError(message, **safe)
         err.code = code  # type: ignore[misc]  # keep the code we were sent
         return err
-    return cls(message, **(details or {}))
+    return cls(message, **safe)
 
 
 # -- protocol and connection ------------------------------------------------------------

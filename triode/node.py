@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import ssl
 import time
 import uuid
@@ -50,7 +51,7 @@ class NodeConfig:
     #: Local storage limit in bytes (None: unlimited).
     cache_size: int | None = None
     #: Shared secret clients must present; also presented to backing and peer nodes.
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     #: ``HOST:PORT`` for the Prometheus metrics endpoint.
     metrics: str | None = None
     tls_cert: Path | None = None
@@ -60,7 +61,10 @@ class NodeConfig:
     node_id: str | None = None
     #: Seconds calls in flight may take to finish once the node is asked to stop.
     shutdown_grace: float = 10.0
-    max_connections: int = 1024
+    #: Connections served at once (counted from accept, before the hello). Past it the node
+    #: stops accepting until one closes; the default leaves most file descriptors to the
+    #: store and the processes.
+    max_connections: int = field(default_factory=lambda: _default_max_connections())
     #: Connection settings (keepalive, windows, limits) for every connection the node serves.
     connection: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +78,13 @@ class NodeConfig:
             raise ValueError("TLS needs both a certificate and a key")
         if self.max_concurrency < 1 or self.max_queue < 0:
             raise ValueError("max_concurrency must be at least 1 and max_queue at least 0")
+
+
+def _default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 4))
 
 
 class Part(Protocol):
@@ -120,6 +131,7 @@ class Node:
         self._nursery = nursery
         self._serving: trio.Nursery = nursery  # replaced by open_node once parts are up
         self._connections: set[Connection] = set()
+        self._connection_slots = trio.CapacityLimiter(config.max_connections)
         self._tls: ssl.SSLContext | None = None  # the server TLS context, set by open_node
         self._conn_config = replace(
             ConnectionConfig(node_id=self.id, required_token=config.token), **config.connection
@@ -170,10 +182,6 @@ class Node:
     # -- serving ---------------------------------------------------------------------------
 
     async def _serve_connection(self, stream: trio.abc.Stream, config: ConnectionConfig) -> None:
-        if len(self._connections) >= self.config.max_connections:
-            log.warning("refusing a connection: %d already open", len(self._connections))
-            await trio.aclose_forcefully(stream)
-            return
         try:
             async with open_connection(stream, config, handlers=self.router.get, initiator=False) as conn:
                 self._connections.add(conn)
@@ -185,17 +193,37 @@ class Node:
             log.info("connection ended: %s", exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("connection lost: %r", exc)
+        except Exception:
+            # A bug reached by one connection's bytes must not take the node down with it.
+            log.exception("connection failed; the node goes on serving the others")
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
 
     async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         async with listener:
             while True:
+                # Take a slot before accepting: at the limit the node stops accepting (the
+                # kernel's backlog holds the rest) instead of opening and dropping sockets.
+                slot = object()
+                await self._connection_slots.acquire_on_behalf_of(slot)
                 try:
                     stream = await listener.accept()
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    self._connection_slots.release_on_behalf_of(slot)
                     log.warning("accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                self._serving.start_soon(self._serve_tls_or_plain, stream)
+                except BaseException:
+                    self._connection_slots.release_on_behalf_of(slot)
+                    raise
+                self._serving.start_soon(self._serve_slot, stream, slot)
+
+    async def _serve_slot(self, stream: trio.abc.Stream, slot: object) -> None:
+        try:
+            await self._serve_tls_or_plain(stream)
+        finally:
+            self._connection_slots.release_on_behalf_of(slot)
 
     async def _serve_tls_or_plain(self, stream: trio.abc.Stream) -> None:
         if self._tls is not None:

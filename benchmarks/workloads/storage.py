@@ -393,16 +393,25 @@ def _populate(data_dir: str, count: int) -> None:
             f.write(blob)
 
 
-def _restart(b: Bench, data_dir: str, probe: Digest) -> float:
-    """Seconds from starting ``triode node`` over ``data_dir`` to its first answer."""
+def _restart(b: Bench, data_dir: str, probe: Digest, scans: list[float] | None = None) -> float:
+    """Seconds from starting ``triode node`` over ``data_dir`` to its first answer.
+
+    The background index scan's own duration (the node's ``scan_seconds``) goes to ``scans``.
+    """
     start = time.perf_counter()
     with b.spawn_node("--data", data_dir) as address:
-        async def main() -> None:
+        async def main() -> float:
             async with triode.connect(address) as client:
                 assert await client.cas.find_missing([probe]) == []
+                answered = time.perf_counter() - start
+                if scans is not None:
+                    with trio.fail_after(60):
+                        while not (info := (await client.info())["storage"]["cas"])["scanned"]:  # noqa: ASYNC110 - polling a remote node
+                            await trio.sleep(0.05)
+                    scans.append(info["scan_seconds"])
+                return answered
 
-        trio.run(main)
-        return time.perf_counter() - start
+        return trio.run(main)
 
 
 @workload("storage.restart", help="start-up time of a node over a data dir of 100,000 blobs")
@@ -414,8 +423,10 @@ def restart(b: Bench) -> None:
     os.makedirs(empty, exist_ok=True)
     probe = Digest.of((count - 1).to_bytes(8, "big") * 16)
     empty_probe = Digest.of(b"")
+    scans: list[float] = []
     fig = b.compare(f"start and answer, {count:,} blobs", "s",
-                    subject=lambda: _restart(b, full, probe),
+                    subject=lambda: _restart(b, full, probe, scans),
                     baseline=("start and answer, empty data dir", lambda: _restart(b, empty, empty_probe)),
                     better="lower")
-    fig.note = f"bar: serving within 5 s: {'met' if fig.subject.max <= 5 else 'MISSED'}"
+    fig.note = (f"bar: serving within 5 s: {'met' if fig.subject.max <= 5 else 'MISSED'}; "
+                f"background index scan took {min(scans):.2f}-{max(scans):.2f} s")

@@ -152,7 +152,7 @@ async def test_shutdown_grace_bounds_the_wait(tmp_path: Path) -> None:
 async def test_listen_address_in_use_is_a_clear_error(tmp_path: Path) -> None:
     async with no_leaks(), triode_node(tmp_path) as node:
         done = await triode_cli(tmp_path, "node", "--listen", node.address, "--data", str(tmp_path / "d2"))
-        assert done.returncode == 1
+        assert done.returncode == 2  # triode's own failure (1 is kept for a plain "no")
         assert done.stderr.decode().strip() == (
             f"triode: cannot listen on {node.address}: Address already in use"
         )
@@ -222,6 +222,6 @@ async def test_ping_bad_address(tmp_path: Path) -> None:
 async def test_unreadable_tls_files_are_a_clear_error(tmp_path: Path) -> None:
     done = await triode_cli(tmp_path, "node", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "d"),
                             "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(tmp_path / "k.pem"))
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert b"cannot load the TLS certificate" in done.stderr
     assert b"Traceback" not in done.stderr

@@ -16,12 +16,20 @@ from triode.testing import no_leaks
 KiB = 1024
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:  # renamed into place or evicted while we looked
+        return 0
+
+
 def _disk_bytes(cas: DiskCAS) -> int:
+    """Bytes of blob files and temp files on disk right now."""
     total = 0
     for dirpath, _, files in os.walk(cas.blob_dir):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        total += sum(_size(os.path.join(dirpath, f)) for f in files)
     for f in os.listdir(cas.tmp_dir):
-        total += os.path.getsize(cas.tmp_dir / f)
+        total += _size(str(cas.tmp_dir / f))
     return total
 
 

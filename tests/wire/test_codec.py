@@ -222,3 +222,16 @@ def test_trailing_bytes_inside_a_frame_are_a_protocol_error() -> None:
 def test_unencodable_message_is_refused_on_our_side() -> None:
     with pytest.raises(ProtocolError, match="cannot encode"):
         encode([REPLY, 1, object()])
+
+
+@pytest.mark.parametrize("body", [b"", b"\x90"])
+def test_empty_and_tiny_frames_are_protocol_errors_at_any_split(body: bytes) -> None:
+    """A zero-length frame once crashed the decoder with IndexError (and the node with it)."""
+    frame = len(body).to_bytes(4, "big") + body
+    for split in range(len(frame) + 1):
+        decoder = Decoder()
+        with pytest.raises(ProtocolError):
+            decoder.receive_data(frame[:split])
+            decoder.next_message()
+            decoder.receive_data(frame[split:])
+            decoder.next_message()

@@ -65,6 +65,8 @@ MALFORMED = {
                                     "PROTOCOL_ERROR"),
     "unknown kind after the hello": (hello() + frame([77]), "PROTOCOL_ERROR"),
     "over-limit length after the hello": (hello() + struct.pack(">I", 2**31), "FRAME_TOO_LARGE"),
+    "empty frame": (struct.pack(">I", 0), "PROTOCOL_ERROR"),
+    "empty frame after the hello": (hello() + struct.pack(">I", 0), "PROTOCOL_ERROR"),
 }
 
 

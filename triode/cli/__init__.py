@@ -20,6 +20,12 @@ __all__ = ["main"]
 COMMANDS = [node, ping, cas, run, bench, tool, status]
 
 
+#: Exit code when triode itself fails (cannot reach the node, bad input). 1 is kept for a
+#: plain "no" (a digest missing, a blob not found); ``triode run`` uses 125 instead, as
+#: timeout(1) does, so that its own failures never look like the command's exit code.
+ERROR_EXIT = 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triode", description="A structured-concurrency execution engine for Trio."
@@ -42,10 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args) if getattr(args, "sync", False) else trio.run(args.func, args)
     except KeyboardInterrupt:
         return 130
-    except TriodeError as exc:
+    except (TriodeError, OSError) as exc:
         print(f"triode: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"triode: {exc}", file=sys.stderr)
-        return 1
+        return getattr(args, "error_exit", ERROR_EXIT)
     return int(code or 0)

@@ -52,7 +52,7 @@ async def run_put(args: argparse.Namespace) -> int:
                 digest = await client.cas.put_file(path)
             except (TriodeError, OSError) as exc:
                 print(f"triode: {path}: {exc}", file=sys.stderr)
-                return 1
+                return 2
             print(f"{digest}  {path}", flush=True)
     return 0
 
@@ -76,7 +76,7 @@ async def run_get(args: argparse.Namespace) -> int:
             return 1
         except (TriodeError, OSError) as exc:
             print(f"triode: {digest}: {exc}", file=sys.stderr)
-            return 1
+            return 2
     return 0
 
 

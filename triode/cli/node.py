@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
@@ -61,14 +62,22 @@ async def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_node(config) as node:
-                print(f"listening on {node.address}", file=sys.stderr, flush=True)
-                async for signum in signals:
-                    print(f"{signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
-                    break
+            with trio.CancelScope() as hard_stop:
+                async with trio.open_nursery() as watcher:
+                    async with open_node(config) as node:
+                        print(f"listening on {node.address}", file=sys.stderr, flush=True)
+                        signum = await signals.__anext__()
+                        print(
+                            f"{signal.Signals(signum).name}: shutting down "
+                            f"(up to {config.shutdown_grace:g}s for calls in flight; again to stop now)",
+                            file=sys.stderr, flush=True,
+                        )
+                        watcher.start_soon(_stop_on_second_signal, signals, hard_stop)
+                    # The graceful shutdown is over: stop listening for a second signal.
+                    watcher.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # A node that cannot start (address in use, bad TLS files) fails inside its
-        # nurseries; show the one error that says why, not a tree of tracebacks.
+        # A node that cannot start (address in use, bad TLS files) fails inside the
+        # watcher's nursery; show the one error that says why, not a tree of tracebacks.
         leaf: BaseException = group
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
@@ -76,3 +85,9 @@ async def run(args: argparse.Namespace) -> int:
             raise leaf from None
         raise
     return 0
+
+
+async def _stop_on_second_signal(signals: AsyncIterator[int], hard_stop: trio.CancelScope) -> None:
+    signum = await signals.__anext__()
+    print(f"{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
+    hard_stop.cancel()

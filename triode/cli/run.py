@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the action digest, exit code, cached, timings, outputs ... as JSON")
     add_client_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARG...")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, error_exit=125)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:

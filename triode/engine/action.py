@@ -35,6 +35,8 @@ class Input(NamedTuple):
 
 
 def _str_map(value: object, what: str) -> dict[str, str]:
+    if not value and type(value) is dict:  # the common case, without the ABC check
+        return {}
     if not isinstance(value, Mapping):
         raise InvalidArgument(
             f"action {what} must be a map of strings to strings, got {type(value).__name__}"
@@ -50,6 +52,8 @@ def _str_map(value: object, what: str) -> dict[str, str]:
 
 
 def _paths(value: object, what: str) -> tuple[str, ...]:
+    if not value and type(value) in (tuple, list):  # the common case, without the ABC check
+        return ()
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise InvalidArgument(f"action {what} must be a list of paths, got {value!r}")
     return tuple(sorted({check_relative(p, f"{what[:-1]}") for p in value}))
@@ -76,9 +80,10 @@ class Action:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         argv = self.argv
-        if isinstance(argv, (str, bytes)) or not isinstance(argv, Iterable):
-            raise InvalidArgument(f"action argv must be a list of strings, got {argv!r}")
-        argv = tuple(argv)
+        if type(argv) is not tuple:
+            if isinstance(argv, (str, bytes)) or not isinstance(argv, Iterable):
+                raise InvalidArgument(f"action argv must be a list of strings, got {argv!r}")
+            argv = tuple(argv)
         if not argv:
             raise InvalidArgument("action argv is empty: give the program to run and its arguments")
         for arg in argv:
@@ -93,7 +98,7 @@ class Action:
         set_(self, "platform", _str_map(self.platform, "platform"))
         set_(self, "cwd", check_relative(self.cwd, "action cwd", allow_root=True))
         inputs: dict[str, Input] = {}
-        if not isinstance(self.inputs, Mapping):
+        if type(self.inputs) is not dict and not isinstance(self.inputs, Mapping):
             raise InvalidArgument("action inputs must map paths to (digest, executable)")
         for path, entry in self.inputs.items():
             check_relative(path, "input")
@@ -125,6 +130,8 @@ class Action:
 
     def _check_tree(self) -> None:
         """A path cannot be both a file and a directory of the input tree."""
+        if not self.inputs:
+            return  # no file, so no clash
         dirs = set(self.directories)
         for path in self.inputs:
             dirs.update(parents(path))
@@ -155,9 +162,9 @@ class Action:
 
     @classmethod
     def from_wire(cls, value: Any) -> Action:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             raise InvalidArgument(f"an action is a map, got {type(value).__name__}")
-        unknown = set(value) - _FIELDS
+        unknown = value.keys() - _FIELDS
         if unknown:
             raise InvalidArgument(f"unknown action fields: {', '.join(sorted(map(str, unknown)))}")
         if "argv" not in value:
@@ -219,8 +226,13 @@ class Action:
     def __hash__(self) -> int:
         return hash(self.digest())
 
-    def input_digests(self) -> set[Digest]:
-        return {i.digest for i in self.inputs.values()}
+    def input_digests(self) -> frozenset[Digest]:
+        """Every blob the inputs name, once each (worked out once per action)."""
+        cached = self.__dict__.get("_input_digests")
+        if cached is None:
+            cached = frozenset(i.digest for i in self.inputs.values())
+            object.__setattr__(self, "_input_digests", cached)
+        return cached
 
 
 _FIELDS = {"argv", "env", "cwd", "inputs", "directories", "outputs", "timeout", "platform", "do_not_cache"}

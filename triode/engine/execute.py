@@ -97,8 +97,9 @@ class Executor:
         self._link, self._guard = link_policy(self.config.link_inputs)
         #: Results on their way to the action cache (see write_behind).
         self._pending: dict[Digest, dict[str, Any]] = {}
-        #: Recently written or read small results, most recent last (see lookup).
-        self._recent: OrderedDict[Digest, dict[str, Any]] = OrderedDict()
+        #: Recently written or read small results, most recent last, with the blobs each
+        #: references (worked out once, not at every hit; see lookup).
+        self._recent: OrderedDict[Digest, tuple[dict[str, Any], list[Digest]]] = OrderedDict()
         self._writes: trio.MemorySendChannel[tuple[Digest, dict[str, Any]]] | None = None
         self.counters = {
             "executed": 0, "cache_hits": 0, "cache_writes": 0, "failed": 0, "timed_out": 0,
@@ -140,12 +141,12 @@ class Executor:
         digest = action.digest()
         hit = self._pending.get(digest)
         if hit is None:
-            hit = self._recent.get(digest)
-            if hit is not None:
-                if await self.cas.find_missing(referenced_blobs(hit)):
-                    del self._recent[digest]  # a blob it names is gone: ask the cache proper
-                    hit = None
+            recent = self._recent.get(digest)
+            if recent is not None:
+                if await self.cas.find_missing(recent[1]):
+                    self._recent.pop(digest, None)  # a blob it names is gone: ask the cache proper
                 else:
+                    hit = recent[0]
                     self._recent.move_to_end(digest)
         if hit is None:
             hit = await self.ac.get(digest)
@@ -161,7 +162,7 @@ class Executor:
             result["output_directories"]
         ) > RECENT_MAX_OUTPUTS:
             return
-        self._recent[digest] = result
+        self._recent[digest] = (result, referenced_blobs(result))
         self._recent.move_to_end(digest)
         while len(self._recent) > RECENT_RESULTS:
             self._recent.popitem(last=False)
@@ -201,7 +202,7 @@ class Executor:
                 log.error(
                     "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
                     "is dropped and the result not cached",
-                    digest, path.relative_to(root), blob,
+                    digest, os.path.relpath(path, root), blob,
                 )
                 self._drop_corrupt(stored, path)
             uploaded_at = trio.current_time()
@@ -298,7 +299,7 @@ class Executor:
             blob = await self.cas.put(capture.data())
         return {"digest": blob.to_wire(), "truncated": capture.truncated}
 
-    def _drop_corrupt(self, stored: Path, link: Path) -> None:
+    def _drop_corrupt(self, stored: str, link: str) -> None:
         """Unlink a stored file an action wrote to through its hard link (after a chmod).
 
         Its bytes no longer match its name; leaving it would serve them to everyone. Only
@@ -312,13 +313,13 @@ class Executor:
             pass
 
     @asynccontextmanager
-    async def _lease(self, digests: set[Digest]) -> AsyncIterator[None]:
+    async def _lease(self, digests: frozenset[Digest]) -> AsyncIterator[None]:
         """Keep the inputs from being evicted while they are staged and used, if the store evicts."""
         lease = getattr(self.cas, "lease", None)
         if lease is None or not digests:
             yield
             return
-        held = lease(sorted(digests))
+        held = lease(digests)  # a pin count per blob: the order does not matter, so no sort
         if isinstance(held, AbstractAsyncContextManager) or hasattr(held, "__aenter__"):
             async with held:
                 yield

@@ -106,7 +106,7 @@ async def stop_group(proc: trio.Process, grace: float) -> None:
             proc.kill()
         except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
             pass
-    await proc.wait()
+        await proc.wait()
 
 
 async def _close_pipes(proc: trio.Process) -> None:

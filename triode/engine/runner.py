@@ -203,12 +203,15 @@ async def run_process(
                 if stdin is not None:
                     assert proc.stdin is not None
                     readers.start_soon(_feed_stdin, proc.stdin, stdin)
-                async with trio.open_nursery() as control:
-                    if stop is not None:
-                        control.start_soon(_watch, stop, waiting, ended)
+                if stop is None:
                     with waiting:
                         await proc.wait()
-                    control.cancel_scope.cancel()
+                else:
+                    async with trio.open_nursery() as control:
+                        control.start_soon(_watch, stop, waiting, ended)
+                        with waiting:
+                            await proc.wait()
+                        control.cancel_scope.cancel()
                 duration = trio.current_time() - start
                 timed_out = waiting.cancelled_caught and not ended["cap"] and not ended["stop"]
                 # The leader is done or we gave up on it: stop what is left of the group

@@ -60,7 +60,8 @@ class Staged:
     fetched: int = 0
     #: (path in the work dir, stored file, digest, (ino, mtime_ns, mode, size)) of each hard
     #: link. Not the ctime: every new link to the inode (ours or another action's) changes it.
-    links: list[tuple[Path, Path, Digest, tuple[int, ...]]] = field(default_factory=list)
+    #: Paths as strings: this list has an entry per input, and pathlib costs more than a link.
+    links: list[tuple[str, str, Digest, tuple[int, ...]]] = field(default_factory=list)
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
@@ -100,27 +101,32 @@ def _stage_local(
     staged = Staged()
     dirs: set[str] = set(action.directories)
     for path in action.inputs:
-        dirs.update(parents(path))
+        parent = path.rpartition("/")[0]
+        while parent and parent not in dirs:  # the usual sibling's parents are in already
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
     for path in action.directories:
         dirs.update(parents(path))
     if action.cwd:
         dirs.add(action.cwd)
         dirs.update(parents(action.cwd))
+    base = os.fspath(root)
     for d in sorted(dirs, key=lambda p: p.count("/")):
-        os.mkdir(root / d)
+        os.mkdir(f"{base}/{d}")
     remote: list[tuple[str, Input]] = []
     for path, entry in action.inputs.items():
-        dest = root / path
+        dest = f"{base}/{path}"
         digest, executable = entry
         if digest.size == 0:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode_for(executable))
             os.close(fd)
             staged.copied += 1
             continue
-        src = sources.get(digest)
-        if src is None:
+        src_path = sources.get(digest)
+        if src_path is None:
             remote.append((path, entry))
             continue
+        src = os.fspath(src_path)
         # Link first and look at the inode after: one stat instead of two. A stored file
         # that is writable or has the wrong executable bit is unlinked again and copied.
         try:
@@ -203,7 +209,7 @@ def _raise_missing(missing: list[Any]) -> None:
         )
 
 
-def tampered(staged: Staged) -> list[tuple[Path, Path, Digest]]:
+def tampered(staged: Staged) -> list[tuple[str, str, Digest]]:
     """Hard-linked inputs whose inode changed during the run (the action wrote to the CAS file).
 
     Returns (path in the work dir, stored file, digest) for each.

@@ -157,8 +157,8 @@ class WorkDirs:
         """
         if self._ready:
             path = self._ready.pop()
-            if len(self._ready) < READY // 2:
-                self._low.set()
+            if len(self._ready) < READY // 4:
+                self._low.set()  # the remover tops the pool up too; this is the backstop
         else:
             path = self.root / uuid.uuid4().hex
             path.mkdir()
@@ -176,8 +176,10 @@ class WorkDirs:
                     await trio.to_thread.run_sync(_remove, path)
 
     async def remover(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Remove finished work dirs behind their executions; returns once :meth:`stop_remover`
-        is called and the queue is empty. Run it in the engine's nursery."""
+        """Remove finished work dirs behind their executions, and make fresh ones to replace
+        them in the same thread hop (a hop costs the event loop more than the mkdirs do).
+        Returns once :meth:`stop_remover` is called and the queue is empty. Run it in the
+        engine's nursery."""
         send, receive = trio.open_memory_channel[Path](REMOVE_BEHIND)
         self._removals = send
         task_status.started()
@@ -189,8 +191,20 @@ class WorkDirs:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                want = 0 if self._stopping else READY - len(self._ready)
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_remove_all, batch)
+                    made = await trio.to_thread.run_sync(self._recycle, batch, want)
+                self._ready += made  # (close() removes any left unused)
+
+    def _recycle(self, finished: list[Path], want: int) -> list[Path]:
+        """Remove ``finished``, then make up to ``want`` fresh dirs (none if that fails: the
+        refiller, or the executions themselves, try again and report the error)."""
+        _remove_all(finished)
+        try:
+            return self._make(want)
+        except OSError as exc:
+            log.warning("cannot make work dirs ahead in %s: %s", self.root, exc)
+            return []
 
     async def refiller(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep up to :data:`READY` fresh, empty dirs made ahead, so an execution does not wait
@@ -212,11 +226,15 @@ class WorkDirs:
                     return
 
     def _make(self, n: int) -> list[Path]:
-        made = []
-        for _ in range(n):
-            path = self.root / uuid.uuid4().hex
-            path.mkdir()
-            made.append(path)
+        made: list[Path] = []
+        try:
+            for _ in range(n):
+                path = self.root / uuid.uuid4().hex
+                path.mkdir()
+                made.append(path)
+        except OSError:
+            _remove_all(made)
+            raise
         return made
 
     def stop_remover(self) -> None:

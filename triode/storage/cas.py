@@ -585,14 +585,26 @@ class CAS(ABC):
         return out
 
     async def batch_update(self, blobs: Iterable[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
-        """Many small blobs at once; each digest to None (stored) or the error it got."""
+        """Many small blobs at once; each digest to None (stored) or the error it got.
+
+        Stored concurrently (at most :data:`BATCH_FETCHES` at a time): each blob is
+        fsynced on its own, and the filesystem commits concurrent fsyncs together.
+        """
         out: dict[Digest, Exception | None] = {}
-        for digest, data in blobs:
-            try:
-                await self.put(data, digest)
-                out[digest] = None
-            except TriodeError as exc:
-                out[digest] = exc
+        limiter = trio.CapacityLimiter(BATCH_FETCHES)
+
+        async def one(digest: Digest, data: bytes) -> None:
+            async with limiter:
+                try:
+                    await self.put(data, digest)
+                    out[digest] = None
+                except TriodeError as exc:
+                    out[digest] = exc
+
+        async with trio.open_nursery() as nursery:
+            for digest, data in blobs:
+                out[digest] = None  # keeps the caller's order
+                nursery.start_soon(one, digest, data)
         return out
 
     async def aclose(self) -> None:

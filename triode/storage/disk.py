@@ -29,7 +29,7 @@ import msgpack
 import trio
 
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Writer
+from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Writer, _single
 from .digest import EMPTY, Digest
 
 __all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write"]
@@ -536,24 +536,37 @@ class _DiskWriter(Writer):
 
     async def write(self, chunks: list[bytes | memoryview]) -> None:
         if sum(map(len, chunks)) <= INLINE_LIMIT:
-            self._write_sync(chunks)
+            self._hash_sync(chunks)
+            self._write_sync(chunks, self.hasher.size - sum(map(len, chunks)))
             await trio.lowlevel.checkpoint()
-        else:
-            await trio.to_thread.run_sync(self._write_sync, chunks)
-
-    def _write_sync(self, chunks: list[bytes | memoryview]) -> None:
-        fd = self._fd
-        assert fd is not None
+            return
+        # Hash and write in two worker threads at once (both release the GIL): a large
+        # upload then costs the slower of the two, not their sum.
         start = self.hasher.size
         try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, self._hash_sync, chunks)
+                await trio.to_thread.run_sync(self._write_sync, chunks, start)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+
+    def _hash_sync(self, chunks: list[bytes | memoryview]) -> None:
+        for chunk in chunks:
+            self.hasher.update(chunk)
+
+    def _write_sync(self, chunks: list[bytes | memoryview], start: int) -> None:
+        fd = self._fd
+        assert fd is not None
+        written = 0
+        try:
             for chunk in chunks:
-                self.hasher.update(chunk)
                 view = memoryview(chunk).cast("B")
+                written += len(view)
                 while view:
                     view = view[os.write(fd, view) :]
         except OSError as exc:
             raise _os_error(exc, f"cannot write {self.digest}") from None
-        _start_writeback(fd, start, self.hasher.size - start)
+        _start_writeback(fd, start, written)
 
     def _commit_sync(self) -> None:
         fd = self._fd

@@ -8,6 +8,7 @@ a backing node) runs in a nursery this part owns, so it ends with the node.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,12 +27,16 @@ if TYPE_CHECKING:
 
 __all__ = ["StoragePart", "open_storage", "DEFAULT_MEMORY_LIMIT", "SWEEP_INTERVAL"]
 
+log = logging.getLogger("triode.storage")
+
 #: What a node without a data dir (or a cache size) keeps in memory.
 DEFAULT_MEMORY_LIMIT = 1024**3
 #: How long a starting node waits for its backing node before serving without it.
 BACKING_START_WAIT = 3.0
 #: Each attempt to reach the backing node gives up after this long.
 BACKING_CONNECT_TIMEOUT = 3.0
+#: Seconds the janitor waits after an eviction failed (a disk error) before trying again.
+JANITOR_RETRY = 5.0
 #: How often stale partial uploads are looked for.
 SWEEP_INTERVAL = 30.0
 
@@ -56,10 +61,17 @@ async def _sweep_uploads(cas: CAS) -> None:
 
 async def _janitor(cas: DiskCAS) -> None:
     """Index the store, then evict down to the low watermark whenever it passes the high one."""
-    await cas.scan()
+    try:
+        await cas.scan()
+    except OSError as exc:  # the index then covers what this run stores and touches
+        log.error("indexing %s failed: %s; eviction sees only blobs used since start", cas.root, exc)
     while True:
         await cas.wait_over_high_watermark()
-        await cas.evict()
+        try:
+            await cas.evict()
+        except OSError as exc:  # keep serving; writes past the limit are refused meanwhile
+            log.error("eviction in %s failed: %s; retrying", cas.root, exc)
+            await trio.sleep(JANITOR_RETRY)
         await trio.lowlevel.checkpoint()
 
 

@@ -46,6 +46,9 @@ KIND_NAMES = {
 #: the limit bounds what one unary call's arguments or result may hold.
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 
+#: An empty frame holds no msgpack value at all; it is refused from its header.
+MIN_FRAME = 1
+
 #: The largest call id: ids are unsigned 63-bit so every msgpack implementation holds them.
 MAX_ID = 2**63 - 1
 
@@ -168,6 +171,8 @@ class Decoder:
     def _read_header(self) -> None:
         if self._size >= 4:
             (need,) = _HEADER.unpack(self._take(4))
+            if need < MIN_FRAME:
+                raise ProtocolError(f"frame of {need} bytes is too short to hold a message")
             if need > self.max_frame:
                 raise FrameTooLarge(
                     f"frame of {need} bytes is over the limit of {self.max_frame} bytes",

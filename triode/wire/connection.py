@@ -66,9 +66,9 @@ class ConnectionConfig:
 
     node_id: str
     #: Token we present in our hello (as a client).
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     #: Token we demand from the peer's hello (as a node); None accepts anyone.
-    required_token: str | None = None
+    required_token: str | None = field(default=None, repr=False)
     features: frozenset[str] = frozenset({"zstd"})
     #: Initial credit, in bytes, we grant the peer on each stream it sends us.
     window: int = 4 * 1024 * 1024
@@ -144,6 +144,10 @@ class PeerHello:
 
 def _wire_error(exc: BaseException) -> TriodeError | None:
     """The TriodeError to report for an exception raised by a handler (None: a bug)."""
+    if isinstance(exc, ConnectionClosed):
+        # The handler's own connection to a third node died; the caller's is fine, so it
+        # must not read this as its own connection closing.
+        return errors.Unavailable(f"a node this call needed went away: {exc.message}", **exc.details)
     if isinstance(exc, TriodeError):
         return exc
     if isinstance(exc, trio.TooSlowError):
@@ -379,10 +383,6 @@ class IncomingCall:
             )
         await self._outbound.send(data)
 
-    def end(self) -> None:
-        """Mark the end of the download before the reply (optional: the reply ends it too)."""
-        self.connection._send_nowait(codec.encode([END, self.id]))
-
 
 class Connection:
     """A live, handshaken connection. Make one with :func:`open_connection`."""
@@ -582,7 +582,9 @@ class Connection:
         the connection is closed instead.
         """
         if self.close_reason is None:
-            if self._out_bytes > self.config.send_buffer + self.peer.max_frame + CONTROL_SLACK:
+            # Our own frame limit, not the peer's: a peer may claim a huge max_frame.
+            largest = min(self.peer.max_frame, self.config.max_frame)
+            if self._out_bytes > self.config.send_buffer + largest + CONTROL_SLACK:
                 self._close(ConnectionClosed(
                     f"node {self.peer.node} does not read what it is sent; closing the connection",
                     node=self.peer.node,

@@ -20,15 +20,6 @@ class Router:
             raise ValueError(f"method {name!r} is registered twice")
         self._handlers[name] = handler
 
-    def method(self, name: str):  # type: ignore[no-untyped-def]
-        """Decorator form of :meth:`add`."""
-
-        def register(handler: Handler) -> Handler:
-            self.add(name, handler)
-            return handler
-
-        return register
-
     def get(self, name: str) -> Handler | None:
         return self._handlers.get(name)
 

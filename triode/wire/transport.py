@@ -39,5 +39,8 @@ async def open_stream(address: str, *, ssl_context: ssl.SSLContext | None = None
         except (trio.BrokenResourceError, ssl.SSLError) as exc:
             await trio.aclose_forcefully(tls)
             raise Unavailable(f"TLS handshake with {address} failed: {exc}", node=address) from None
+        except BaseException:  # cancelled or timed out mid-handshake: the socket is ours to close
+            await trio.aclose_forcefully(tls)
+            raise
         stream = tls
     return stream

@@ -57,10 +57,11 @@ class ToolPoolConfig:
     max_calls: int = 1000
     #: Recycle a worker whose resident memory passed this many bytes after a call.
     max_rss: int = 512 * MiB
-    #: Largest JSON output (bytes) a tool may return; over it the worker is killed.
-    max_output: int = 16 * MiB
-    #: Largest JSON input (bytes) a call may send.
-    max_input: int = 16 * MiB
+    #: Largest JSON output (bytes) a tool may return; over it the worker is killed. Kept
+    #: under the wire's frame limit (8 MiB), so a result that is allowed can also be sent.
+    max_output: int = 7 * MiB
+    #: Largest JSON input (bytes) a call may send (also under the frame limit).
+    max_input: int = 7 * MiB
     #: Seconds a worker may take to load its entrypoint and say it is ready.
     start_timeout: float = 30.0
     #: Seconds a retiring worker gets to exit before its group is killed.
@@ -168,6 +169,7 @@ class _WorkerSet:
             worker: Worker = await self.pool._nursery.start(run_worker, self.spec)
         except RuntimeError as exc:  # the nursery stopped taking tasks: the pool is closing
             raise Cancelled(f"the tool pool is closed: {exc}") from None
+        self.live()  # forget workers that have stopped (one-shot ones stop after every call)
         self.workers.add(worker)
         self.pool.started += 1
         return worker

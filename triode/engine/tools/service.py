@@ -25,8 +25,10 @@ __all__ = ["ToolsPart", "tools_part", "pool_config_from_env"]
 def pool_config_from_env() -> ToolPoolConfig:
     """Pool settings a node operator can change without code: TRIODE_TOOL_POOL_SIZE, TRIODE_TOOL_RUNTIME."""
     options: dict[str, Any] = {}
-    if os.environ.get("TRIODE_TOOL_POOL_SIZE"):
-        options["size"] = int(os.environ["TRIODE_TOOL_POOL_SIZE"])
+    if size := os.environ.get("TRIODE_TOOL_POOL_SIZE"):
+        if not size.isdigit() or int(size) < 1:
+            raise InvalidArgument(f"TRIODE_TOOL_POOL_SIZE must be a whole number of workers, got {size!r}")
+        options["size"] = int(size)
     if os.environ.get("TRIODE_TOOL_RUNTIME"):
         options["runtime"] = os.environ["TRIODE_TOOL_RUNTIME"]
     return ToolPoolConfig(**options)

@@ -41,9 +41,11 @@ ENV_KEY = re.compile(r"^[A-Z0-9_]{1,128}$")
 #: families in DENIED_ENV_PREFIXES (LD_PRELOAD, LD_LIBRARY_PATH, NODE_OPTIONS, BUN_*...).
 DENIED_ENV = frozenset({
     "BASH_ENV", "ENV", "SHELLOPTS", "PS4", "IFS", "GLIBC_TUNABLES", "MALLOC_CONF", "PYTHONPATH",
-    "UV_THREADPOOL_SIZE",
+    "UV_THREADPOOL_SIZE", "GCONV_PATH", "LOCPATH", "HOSTALIASES", "RESOLV_HOST_CONF", "NLSPATH",
+    "SSL_CERT_FILE", "SSL_CERT_DIR",
 })  # fmt: skip
-DENIED_ENV_PREFIXES = ("LD_", "DYLD_", "BUN_", "NODE_", "NPM_CONFIG_", "TRIODE_")
+#: OPENSSL_CONF and OPENSSL_MODULES make node load a config that can load shared libraries.
+DENIED_ENV_PREFIXES = ("LD_", "DYLD_", "BUN_", "NODE_", "NPM_CONFIG_", "TRIODE_", "OPENSSL_")
 ENTRYPOINT_SUFFIXES = (".js", ".mjs", ".cjs", ".ts", ".mts", ".cts")
 RUNTIMES = ("bun", "node")
 MAX_ENV_VALUE = 32 * 1024
