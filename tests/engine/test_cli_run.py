@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from triode.engine.runner import DEFAULT_GRACE
 
-from .test_runner import _procs_with
+from .test_runner import _procs_with, _unique_sleep
 
 
 @pytest.fixture
@@ -73,9 +72,8 @@ def test_exit_code_stderr_and_failures_not_cached(cwd: Path, home: Path) -> None
 
 
 def test_tree_of_sleepers_ignoring_sigterm_times_out_with_124(cwd: Path, home: Path) -> None:
-    marker = f"triode-cli-sleeper-{os.getpid()}-{time.monotonic_ns()}"
-    script = (f"trap '' TERM; for i in 1 2 3; do sh -c 'trap \"\" TERM; sleep 300 # {marker}' & done; "
-              f"wait # {marker}")
+    marker = _unique_sleep()  # in every sleeper's own command line
+    script = f"trap '' TERM; for i in 1 2 3; do sh -c 'trap \"\" TERM; sleep {marker}' & done; wait"
     done = triode_run(cwd, home, "--timeout", "1", "--result-json", "r.json", "--", "sh", "-c", script)
     assert done.returncode == 124, done.stderr
     result = json.loads((cwd / "r.json").read_text())

@@ -35,6 +35,11 @@ def _procs_with(marker: str) -> list[int]:
     return found
 
 
+def _unique_sleep() -> str:
+    """A sleep whose own command line is unique (a shell comment would not survive exec)."""
+    return f"300.{os.getpid()}{time.monotonic_ns() % 10**9:09d}"
+
+
 async def test_exit_code_and_both_streams() -> None:
     async with no_leaks():
         r = await run_process(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
@@ -60,11 +65,11 @@ async def test_environment_is_only_what_is_given() -> None:
 
 
 async def test_tree_ignoring_sigterm_is_killed_after_timeout_and_grace() -> None:
-    marker = f"triode-sleeper-{os.getpid()}-{time.monotonic_ns()}"
+    marker = _unique_sleep()  # in every sleeper's own command line
     script = (
         f"trap '' TERM; "
-        f"for i in 1 2 3; do sh -c 'trap \"\" TERM; exec sleep 300 # {marker}' & done; "
-        f"wait # {marker}"
+        f"for i in 1 2 3; do sh -c 'trap \"\" TERM; exec sleep {marker}' & done; "
+        f"wait"
     )
     grace = 0.5
     async with no_leaks():
@@ -76,21 +81,23 @@ async def test_tree_ignoring_sigterm_is_killed_after_timeout_and_grace() -> None
     assert _procs_with(marker) == []
 
 
-async def test_grandchild_that_escapes_the_group_with_our_pipes_does_not_hang() -> None:
-    marker = f"triode-escapee-{os.getpid()}-{time.monotonic_ns()}"
-    # setsid takes the sleeper out of the group; it still holds stdout and stderr.
-    script = f"setsid sh -c 'exec sleep 300 # {marker}' & sleep 0.3; echo done"
+@pytest.mark.parametrize("stdin", [None, b"some input"])
+async def test_grandchild_that_escapes_the_group_with_our_pipes_does_not_hang(stdin: bytes | None) -> None:
+    marker = _unique_sleep()
+    # setsid takes the sleeper out of the group; it still holds stdout and stderr. With
+    # stdin given, our end of the stdin pipe is already closed when the holders are sought.
+    script = f"setsid sleep {marker} & sleep 0.3; echo done"
     async with no_leaks():
         with trio.fail_after(10):
-            r = await run_process(["/bin/sh", "-c", script], grace=0.2, drain=0.5)
+            r = await run_process(["/bin/sh", "-c", script], grace=0.2, drain=0.5, stdin=stdin)
     assert r.exit_code == 0 and r.stdout.data() == b"done\n"
     assert await eventually(lambda: not _procs_with(marker), 2)
 
 
 async def test_background_child_of_a_finished_leader_is_stopped() -> None:
-    marker = f"triode-bg-{os.getpid()}-{time.monotonic_ns()}"
+    marker = _unique_sleep()
     async with no_leaks():
-        r = await run_process(["/bin/sh", "-c", f"sh -c 'exec sleep 300 # {marker}' & echo hi"], grace=0.2)
+        r = await run_process(["/bin/sh", "-c", f"sleep {marker} & echo hi"], grace=0.2)
     assert r.exit_code == 0 and r.stdout.data() == b"hi\n"
     assert _procs_with(marker) == []
 

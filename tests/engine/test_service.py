@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from triode.errors import InvalidArgument, InvalidPath, MissingInputs
 from triode.storage.digest import Digest
 
 from .conftest import eventually
-from .test_runner import _procs_with
+from .test_runner import _procs_with, _unique_sleep
 
 
 async def test_execute_uploaded_inputs_and_hit(
@@ -54,8 +52,8 @@ async def test_bad_requests_get_typed_errors(client: triode.Client) -> None:
 
 
 async def test_cancelling_the_caller_kills_the_process_on_the_node(client: triode.Client) -> None:
-    marker = f"triode-wire-cancel-{os.getpid()}-{time.monotonic_ns()}"
-    action = Action(("/bin/sh", "-c", f"trap '' TERM; sleep 300 # {marker}"), do_not_cache=True)
+    marker = _unique_sleep()  # in the sleeper's own command line
+    action = Action(("/bin/sh", "-c", f"trap '' TERM; sleep {marker}"), do_not_cache=True)
     with trio.move_on_after(0.5):
         await client.execute(action)
     # The node's grace is the default 5 s (SIGTERM is ignored), then SIGKILL.

@@ -11,6 +11,7 @@ and ``do_not_cache``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -21,7 +22,7 @@ from ..errors import InvalidArgument, InvalidDigest, InvalidPath
 from ..storage.digest import Digest
 from .paths import check_relative, parents
 
-__all__ = ["Action", "Input", "ACTION_VERSION"]
+__all__ = ["Action", "Input", "ACTION_VERSION", "parse_wire_action"]
 
 #: Bumped whenever the canonical encoding changes, so old cache entries stop matching.
 ACTION_VERSION = 1
@@ -236,3 +237,35 @@ class Action:
 
 
 _FIELDS = {"argv", "env", "cwd", "inputs", "directories", "outputs", "timeout", "platform", "do_not_cache"}
+
+
+#: Parsed actions kept by their wire encoding (see parse_wire_action), and the largest
+#: encoding kept: at most PARSED_ACTIONS * PARSED_MAX_BYTES bytes of keys.
+PARSED_ACTIONS = 256
+PARSED_MAX_BYTES = 16 * 1024
+_parsed: OrderedDict[bytes, Action] = OrderedDict()
+
+
+def parse_wire_action(value: Any) -> Action:
+    """:meth:`Action.from_wire`, remembered for the actions seen last.
+
+    A build asks for the same actions again and again (every cache hit is one), and
+    validating one and taking its digest costs more than encoding its wire form once
+    more: equal encodings are equal values, so they parse to the same (immutable)
+    Action, digest included. Bounded in entries and in key size.
+    """
+    try:
+        key = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return Action.from_wire(value)  # not plain msgpack data: from_wire says what is wrong
+    action = _parsed.get(key)
+    if action is not None:
+        _parsed.move_to_end(key)
+        return action
+    action = Action.from_wire(value)
+    if len(key) <= PARSED_MAX_BYTES:
+        action.digest()  # worked out once, here, for every later use
+        _parsed[key] = action
+        if len(_parsed) > PARSED_ACTIONS:
+            _parsed.popitem(last=False)
+    return action

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -202,7 +201,7 @@ class Executor:
                 log.error(
                     "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
                     "is dropped and the result not cached",
-                    digest, os.path.relpath(path, root), blob,
+                    digest, path[len(str(root)) + 1 :], blob,
                 )
                 self._drop_corrupt(stored, path)
             uploaded_at = trio.current_time()

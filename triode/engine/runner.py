@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -194,7 +193,10 @@ async def run_process(
                     ended["cap"] = True
                     waiting.cancel()
 
-            pipes = [p for p in (proc.stdin, proc.stdout, proc.stderr) if p is not None]
+            # Noted now: by the time they are needed, stdin may be closed (fileno() is -1).
+            pipe_inodes = {
+                os.fstat(p.fileno()).st_ino for p in (proc.stdin, proc.stdout, proc.stderr) if p is not None
+            }
             eof = [trio.Event(), trio.Event()]
             async with trio.open_nursery() as readers:
                 assert proc.stdout is not None and proc.stderr is not None
@@ -220,7 +222,7 @@ async def run_process(
                     await stop_group(proc, grace)
                 readers.cancel_scope.deadline = trio.current_time() + drain
                 with trio.CancelScope(shield=True):
-                    await _await_drain(eof, drain, pipes)
+                    await _await_drain(eof, drain, pipe_inodes)
     finally:
         out.close()
         err.close()
@@ -275,7 +277,7 @@ async def _watch(stop: trio.Event, waiting: trio.CancelScope, ended: dict[str, b
     waiting.cancel()
 
 
-async def _await_drain(eof: list[trio.Event], drain: float, pipes: list[Any]) -> None:
+async def _await_drain(eof: list[trio.Event], drain: float, inodes: set[int]) -> None:
     """Give the readers ``drain`` seconds to reach EOF; then kill whoever holds our pipes.
 
     The group is gone by now, so a writer still holding a pipe escaped it (setsid,
@@ -285,7 +287,6 @@ async def _await_drain(eof: list[trio.Event], drain: float, pipes: list[Any]) ->
         for event in eof:
             await event.wait()
     if not all(event.is_set() for event in eof):
-        inodes = {os.fstat(p.fileno()).st_ino for p in pipes}
         for pid in _pipe_holders(inodes):
             try:
                 os.kill(pid, signal.SIGKILL)

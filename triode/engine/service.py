@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..wire.connection import IncomingCall
-from .action import Action
+from .action import Action, parse_wire_action
 from .execute import ExecuteOutcome
 
 __all__ = ["parse_execute_args", "execute_handler"]
@@ -29,7 +29,7 @@ def parse_execute_args(args: Any) -> tuple[Action, bool]:
     skip_cache = args.get("skip_cache", False)
     if not isinstance(skip_cache, bool):
         raise InvalidArgument(f"execute skip_cache must be a bool, got {skip_cache!r}")
-    return Action.from_wire(args["action"]), skip_cache
+    return parse_wire_action(args["action"]), skip_cache
 
 
 def execute_handler(execute: ExecuteFn) -> Callable[[IncomingCall], Awaitable[dict[str, Any]]]:

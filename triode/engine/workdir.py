@@ -25,7 +25,7 @@ __all__ = ["WorkDirs", "remove_tree", "scratch_of"]
 #: Finished work dirs queued for removal behind their executions.
 REMOVE_BEHIND = 64
 #: Fresh work dirs made ahead of need.
-READY = 8
+READY = 16
 
 log = logging.getLogger("triode.engine")
 
@@ -101,8 +101,10 @@ class WorkDirs:
         self._lock_path = base / f"{node_id}.lock"
         self._lock_fd: int | None = None
         self._removals: trio.MemorySendChannel[Path] | None = None
-        #: Fresh dirs made ahead by refiller; never handed out twice.
+        #: Fresh dirs made ahead (refiller, remover); never handed out twice.
         self._ready: list[Path] = []
+        #: Fresh dirs a worker thread is making right now.
+        self._making: set[Path] = set()
         self._low = trio.Event()
         self._stopping = False
 
@@ -160,8 +162,12 @@ class WorkDirs:
             if len(self._ready) < READY // 4:
                 self._low.set()  # the remover tops the pool up too; this is the backstop
         else:
+            # None made ahead (no refiller, or it is behind): in a worker thread, as a mkdir
+            # can take milliseconds (ext4 searching for a free inode), which the event loop
+            # must not wait out. Shielded, so a dir that was made is also removed.
             path = self.root / uuid.uuid4().hex
-            path.mkdir()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(path.mkdir)
         try:
             yield path
         finally:
@@ -191,17 +197,20 @@ class WorkDirs:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                want = 0 if self._stopping else READY - len(self._ready)
-                with trio.CancelScope(shield=True):
-                    made = await trio.to_thread.run_sync(self._recycle, batch, want)
+                fresh = self._names()
+                try:
+                    with trio.CancelScope(shield=True):
+                        made = await trio.to_thread.run_sync(self._recycle, batch, fresh)
+                finally:
+                    self._making.difference_update(fresh)
                 self._ready += made  # (close() removes any left unused)
 
-    def _recycle(self, finished: list[Path], want: int) -> list[Path]:
-        """Remove ``finished``, then make up to ``want`` fresh dirs (none if that fails: the
+    def _recycle(self, finished: list[Path], fresh: list[Path]) -> list[Path]:
+        """Remove ``finished``, then make the ``fresh`` dirs (none if that fails: the
         refiller, or the executions themselves, try again and report the error)."""
         _remove_all(finished)
         try:
-            return self._make(want)
+            return self._make(fresh)
         except OSError as exc:
             log.warning("cannot make work dirs ahead in %s: %s", self.root, exc)
             return []
@@ -217,19 +226,29 @@ class WorkDirs:
             self._low = trio.Event()
             if self._stopping:
                 break
-            want = READY - len(self._ready)
-            if want > 0:
+            fresh = self._names()
+            if fresh:
                 try:
-                    self._ready += await trio.to_thread.run_sync(self._make, want)
+                    self._ready += await trio.to_thread.run_sync(self._make, fresh)
                 except OSError as exc:  # executions make their own, and get the error themselves
                     log.warning("cannot make work dirs ahead in %s: %s", self.root, exc)
                     return
+                finally:
+                    self._making.difference_update(fresh)
 
-    def _make(self, n: int) -> list[Path]:
+    def _names(self) -> list[Path]:
+        """Names for the dirs that would bring the pool back to :data:`READY`, marked as being
+        made (so two tasks never both fill it, and :meth:`count` does not take them for leaks)."""
+        want = 0 if self._stopping else READY - len(self._ready) - len(self._making)
+        fresh = [self.root / uuid.uuid4().hex for _ in range(max(0, want))]
+        self._making.update(fresh)
+        return fresh
+
+    @staticmethod
+    def _make(fresh: list[Path]) -> list[Path]:
         made: list[Path] = []
         try:
-            for _ in range(n):
-                path = self.root / uuid.uuid4().hex
+            for path in fresh:
                 path.mkdir()
                 made.append(path)
         except OSError:
@@ -245,11 +264,14 @@ class WorkDirs:
             self._removals.close()
 
     def count(self) -> int:
-        """Work dirs in use or not yet removed right now (the leak tests count them)."""
+        """Work dirs in use or not yet removed right now (the leak tests count them): every
+        entry but the fresh ones made ahead or being made."""
         try:
-            return len(os.listdir(self.root)) - len(self._ready)
+            names = os.listdir(self.root)
         except FileNotFoundError:
             return 0
+        spare = {p.name for p in self._ready} | {p.name for p in self._making}
+        return sum(1 for name in names if name not in spare)
 
 
 @contextmanager
