@@ -22,10 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+import trio
 
 __all__ = [
     "workload",
@@ -35,10 +37,12 @@ __all__ = [
     "discover",
     "machine_line",
     "render_markdown",
+    "run_concurrently",
     "run_workloads",
 ]
 
 REPEAT = 5
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,6 +101,23 @@ class Figure:
     target: float | None
     met: bool | None
     note: str = ""
+
+
+async def run_concurrently(
+    items: Iterable[T], concurrency: int, fn: Callable[[T], Awaitable[object]]
+) -> float:
+    """Await ``fn(item)`` for every item, ``concurrency`` at a time; return the seconds it took."""
+    todo = iter(items)
+
+    async def worker() -> None:
+        for item in todo:
+            await fn(item)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return time.perf_counter() - start
 
 
 def machine_line() -> str:

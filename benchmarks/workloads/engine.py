@@ -30,27 +30,12 @@ from triode.engine.workdir import WorkDirs
 from triode.storage.ac import ActionCache
 from triode.storage.disk import DiskCAS
 
-from ..harness import Bench, workload
+from ..harness import Bench, run_concurrently, workload
 
 #: Runs kept in flight by both sides of ``engine.trivial``.
 TRIVIAL_CONCURRENCY = 4
 #: Calls kept in flight by both sides of ``engine.cached``.
 CACHED_CONCURRENCY = 32
-
-
-async def _in_parallel(n: int, concurrency: int, fn) -> float:  # type: ignore[no-untyped-def]
-    """Run ``fn(i)`` for i in range(n), ``concurrency`` at a time; return the seconds it took."""
-    counter = iter(range(n))
-
-    async def worker() -> None:
-        for i in counter:
-            await fn(i)
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
-    return time.perf_counter() - start
 
 
 @workload("engine.trivial", help="trivial actions per second end to end vs a raw trio.run_process loop")
@@ -68,7 +53,7 @@ def trivial(b: Bench) -> None:
                         outcome = await client.execute(Action(("true",), env={"RUN": f"{tag}-{i}"}))
                         assert outcome.exit_code == 0 and not outcome.cached
 
-                    return n / await _in_parallel(n, TRIVIAL_CONCURRENCY, one)
+                    return n / await run_concurrently(range(n), TRIVIAL_CONCURRENCY, one)
 
             return trio.run(main)
 
@@ -77,7 +62,7 @@ def trivial(b: Bench) -> None:
                 async def one(i: int) -> None:
                     await trio.run_process(["true"])
 
-                return n / await _in_parallel(n, TRIVIAL_CONCURRENCY, one)
+                return n / await run_concurrently(range(n), TRIVIAL_CONCURRENCY, one)
 
             return trio.run(main)
 
@@ -105,7 +90,7 @@ def cached(b: Bench) -> None:
                         outcome = await client.execute(action)
                         assert outcome.cached
 
-                    return n / await _in_parallel(n, CACHED_CONCURRENCY, one)
+                    return n / await run_concurrently(range(n), CACHED_CONCURRENCY, one)
 
             return trio.run(main)
 
@@ -116,7 +101,7 @@ def cached(b: Bench) -> None:
                     async def one(i: int) -> None:
                         await client.ping()
 
-                    return n / await _in_parallel(n, CACHED_CONCURRENCY, one)
+                    return n / await run_concurrently(range(n), CACHED_CONCURRENCY, one)
 
             return trio.run(main)
 

@@ -25,7 +25,7 @@ import triode
 from triode.storage.digest import Digest
 from triode.wire import codec
 
-from ..harness import Bench, workload
+from ..harness import Bench, run_concurrently, workload
 
 MiB = 1024 * 1024
 
@@ -190,17 +190,7 @@ def blobs(b: Bench) -> None:
 def _small_gets(address: str, digests: list[Digest], concurrency: int) -> float:
     async def main() -> float:
         async with triode.connect(address) as client:
-            todo = iter(digests)
-
-            async def worker() -> None:
-                for digest in todo:
-                    await client.cas.get(digest)
-
-            start = time.perf_counter()
-            async with trio.open_nursery() as n:
-                for _ in range(concurrency):
-                    n.start_soon(worker)
-            return len(digests) / (time.perf_counter() - start)
+            return len(digests) / await run_concurrently(digests, concurrency, client.cas.get)
 
     return trio.run(main)
 
@@ -305,17 +295,7 @@ def _read_all(address: str, digests: list[Digest], concurrency: int = 64) -> flo
     """Get every digest (``concurrency`` at once); bytes/s for one blob, blobs/s for many."""
     async def main() -> float:
         async with triode.connect(address) as client:
-            todo = iter(digests)
-
-            async def worker() -> None:
-                for digest in todo:
-                    await client.cas.get(digest)
-
-            start = time.perf_counter()
-            async with trio.open_nursery() as n:
-                for _ in range(min(concurrency, len(digests))):
-                    n.start_soon(worker)
-            elapsed = time.perf_counter() - start
+            elapsed = await run_concurrently(digests, min(concurrency, len(digests)), client.cas.get)
         if len(digests) == 1:
             return digests[0].size / elapsed / 1e6
         return len(digests) / elapsed
