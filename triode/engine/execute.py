@@ -13,8 +13,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,43 +166,45 @@ class Executor:
 
     async def _run(self, action: Action, digest: Digest, queued: float) -> dict[str, Any]:
         started = trio.current_time()
-        async with self._lease(action.input_digests()), self.workdirs.create() as root:
-            staged = await stage_inputs(root, action, self.cas, link=self._link)
-            self.counters["inputs_linked"] += staged.linked
-            self.counters["inputs_copied"] += staged.copied
-            self.counters["inputs_fetched"] += staged.fetched
-            staged_at = trio.current_time()
-            # Linked inputs share the CAS's inodes: a root node drops the capability that
-            # would let the action write to them (see link_policy).
-            argv = [*self._guard, *action.argv] if staged.linked else list(action.argv)
-            run = await run_process(
-                argv,
-                env=action.env,
-                cwd=root / action.cwd if action.cwd else root,
-                timeout=action.timeout,
-                grace=self.config.grace,
-                output_cap=self.config.output_cap,
-                kill_on_cap=self.config.kill_on_cap,
-                spill_dir=scratch_of(root),
-            )
-            ran_at = trio.current_time()
-            stdout = await self._store_capture(run.stdout)
-            stderr = await self._store_capture(run.stderr)
-            # Any output may be a large tree: walk in a thread unless there is none.
-            found = await maybe_in_thread(bool(action.outputs), scan_outputs, root, action.outputs)
-            files = []
-            for rel, path, executable in found.files:
-                file_digest = await self.cas.put_file(path)
-                files.append({"path": rel, "digest": file_digest.to_wire(), "executable": executable})
-            altered = await maybe_in_thread(len(staged.links) > INLINE_FILES, tampered, staged)
-            for path, stored, blob in altered:
-                log.error(
-                    "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
-                    "is dropped and the result not cached",
-                    digest, path[len(str(root)) + 1 :], blob,
+        # Leased from staging to the end of the run: an input in use is never evicted.
+        with self.cas.lease(action.input_digests()):
+            async with self.workdirs.create() as root:
+                staged = await stage_inputs(root, action, self.cas, link=self._link)
+                self.counters["inputs_linked"] += staged.linked
+                self.counters["inputs_copied"] += staged.copied
+                self.counters["inputs_fetched"] += staged.fetched
+                staged_at = trio.current_time()
+                # Linked inputs share the CAS's inodes: a root node drops the capability that
+                # would let the action write to them (see link_policy).
+                argv = [*self._guard, *action.argv] if staged.linked else list(action.argv)
+                run = await run_process(
+                    argv,
+                    env=action.env,
+                    cwd=root / action.cwd if action.cwd else root,
+                    timeout=action.timeout,
+                    grace=self.config.grace,
+                    output_cap=self.config.output_cap,
+                    kill_on_cap=self.config.kill_on_cap,
+                    spill_dir=scratch_of(root),
                 )
-                self._drop_corrupt(stored, path)
-            uploaded_at = trio.current_time()
+                ran_at = trio.current_time()
+                stdout = await self._store_capture(run.stdout)
+                stderr = await self._store_capture(run.stderr)
+                # Any output may be a large tree: walk in a thread unless there is none.
+                found = await maybe_in_thread(bool(action.outputs), scan_outputs, root, action.outputs)
+                files = []
+                for rel, path, executable in found.files:
+                    file_digest = await self.cas.put_file(path)
+                    files.append({"path": rel, "digest": file_digest.to_wire(), "executable": executable})
+                altered = await maybe_in_thread(len(staged.links) > INLINE_FILES, tampered, staged)
+                for path, stored, blob in altered:
+                    log.error(
+                        "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
+                        "is dropped and the result not cached",
+                        digest, path[len(str(root)) + 1 :], blob,
+                    )
+                    self._drop_corrupt(stored, path)
+                uploaded_at = trio.current_time()
         result: dict[str, Any] = {
             "exit_code": run.exit_code,
             "signal": run.signal,
@@ -310,23 +310,6 @@ class Executor:
                 os.unlink(stored)
         except FileNotFoundError:
             pass
-
-    @asynccontextmanager
-    async def _lease(self, digests: frozenset[Digest]) -> AsyncIterator[None]:
-        """Keep the inputs from being evicted while they are staged and used, if the store evicts."""
-        lease = getattr(self.cas, "lease", None)
-        if lease is None or not digests:
-            yield
-            return
-        held = lease(digests)  # a pin count per blob: the order does not matter, so no sort
-        if isinstance(held, AbstractAsyncContextManager) or hasattr(held, "__aenter__"):
-            async with held:
-                yield
-        elif isinstance(held, AbstractContextManager) or hasattr(held, "__enter__"):
-            with held:
-                yield
-        else:  # pragma: no cover - a store whose lease is not a context manager
-            raise TypeError(f"{type(self.cas).__name__}.lease() did not return a context manager")
 
     def info(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from .tier import Backing
 
 __all__ = [
+    "Pins",
+    "Lease",
     "CAS",
     "Writer",
     "PartialUploads",
@@ -285,6 +287,63 @@ class PartialUploads:
             item.writer.discard()
 
 
+
+class Pins:
+    """How many holders each blob has (a lease, a reader): a held blob is never evicted."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[Any] = Counter()
+
+    def pin(self, key: Any) -> None:
+        self._counts[key] += 1
+
+    def unpin(self, key: Any) -> None:
+        n = self._counts[key] - 1
+        if n > 0:
+            self._counts[key] = n
+        else:
+            del self._counts[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._counts
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def lease(self, keys: Iterable[Any]) -> Lease:
+        return Lease(self, list(keys))
+
+
+class Lease:
+    """While held (``with`` or ``async with``), the leased blobs are never evicted."""
+
+    def __init__(self, pins: Pins, keys: list[Any]) -> None:
+        self._pins = pins
+        self._keys = keys
+        self._held = False
+
+    def __enter__(self) -> Lease:
+        if not self._held:
+            self._held = True
+            for key in self._keys:
+                self._pins.pin(key)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            for key in self._keys:
+                self._pins.unpin(key)
+
 class CAS(ABC):
     """A content-addressed store of blobs, keyed by :class:`Digest`. Every method is async."""
 
@@ -314,6 +373,10 @@ class CAS(ABC):
     @abstractmethod
     def _read_local(self, digest: Digest, offset: int) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Chunks of a stored blob from ``offset``; BlobNotFound on entry when it is absent."""
+
+    @abstractmethod
+    def lease(self, digests: Iterable[Digest]) -> Lease:
+        """Pin blobs against eviction while held: ``with cas.lease(digests): ...``."""
 
     @abstractmethod
     def _new_writer(self, digest: Digest) -> Writer:

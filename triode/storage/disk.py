@@ -19,7 +19,7 @@ import errno
 import os
 import sys
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +29,7 @@ import msgpack
 import trio
 
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Writer, _single
+from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Lease, Pins, Writer, _single
 from .digest import EMPTY, Digest
 
 __all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write"]
@@ -138,37 +138,6 @@ def atomic_write(tmp_dir: Path, final: Path, data: bytes, *, mode: int = 0o444) 
     _fsync_dir(final.parent)
 
 
-class Lease:
-    """While held (``with`` or ``async with``), the leased blobs are never evicted."""
-
-    def __init__(self, store: DiskCAS, hashes: list[str]) -> None:
-        self._store = store
-        self._hashes = hashes
-        self._held = False
-
-    def __enter__(self) -> Lease:
-        if not self._held:
-            self._held = True
-            for h in self._hashes:
-                self._store._pins[h] += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    async def __aenter__(self) -> Lease:
-        return self.__enter__()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            for h in self._hashes:
-                self._store._unpin(h)
-
-
 class DiskCAS(CAS):
     """Blobs as files under ``root/cas``; ``limit`` bytes at most when given (see eviction)."""
 
@@ -202,7 +171,7 @@ class DiskCAS(CAS):
         self._index: OrderedDict[str, int] = OrderedDict()  # hash -> size, least recently used first
         self._bytes = 0
         self._reserved = 0
-        self._pins: Counter[str] = Counter()
+        self._pins = Pins()  # by hash
         self._evicting: set[str] = set()
         self._space = trio.Event()  # set when writers should wake the janitor
         #: Whether the index covers every blob on disk (after :meth:`scan`).
@@ -250,13 +219,6 @@ class DiskCAS(CAS):
         else:
             index[h] = size
             self._bytes += size
-
-    def _unpin(self, h: str) -> None:
-        n = self._pins[h] - 1
-        if n > 0:
-            self._pins[h] = n
-        else:
-            del self._pins[h]
 
     # -- the primitives --------------------------------------------------------------------
 
@@ -325,11 +287,11 @@ class DiskCAS(CAS):
     @asynccontextmanager
     async def _read_local(self, digest: Digest, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
         fd = self._open_blob(digest)
-        self._pins[digest.hash] += 1
+        self._pins.pin(digest.hash)
         try:
             yield _FdChunks(fd, offset, digest.size)
         finally:
-            self._unpin(digest.hash)
+            self._pins.unpin(digest.hash)
             os.close(fd)
 
     def _new_writer(self, digest: Digest) -> Writer:
@@ -360,7 +322,7 @@ class DiskCAS(CAS):
 
     def lease(self, digests: Iterable[Digest]) -> Lease:
         """Pin blobs against eviction: ``with cas.lease(digests): ...`` (or ``async with``)."""
-        return Lease(self, [d.hash for d in digests])
+        return self._pins.lease(d.hash for d in digests)
 
     # -- limits and eviction ---------------------------------------------------------------
 

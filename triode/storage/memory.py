@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Writer
+from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Lease, Pins, Writer
 from .digest import Digest
 
 __all__ = ["MemoryCAS"]
@@ -35,7 +35,7 @@ class MemoryCAS(CAS):
         self._blobs: OrderedDict[Digest, bytes] = OrderedDict()
         self._bytes = 0
         self._reserved = 0
-        self._pins: dict[Digest, int] = {}
+        self._pins = Pins()  # by digest
 
     @property
     def size(self) -> int:
@@ -71,21 +71,19 @@ class MemoryCAS(CAS):
         if data is None:
             raise BlobNotFound(f"blob {digest} is not stored", digest=str(digest))
         self._blobs.move_to_end(digest)
-        self._pins[digest] = self._pins.get(digest, 0) + 1
+        self._pins.pin(digest)
         try:
             yield _Slices(data, offset)
         finally:
-            n = self._pins.pop(digest) - 1
-            if n:
-                self._pins[digest] = n
+            self._pins.unpin(digest)
 
     def path_of(self, digest: Digest) -> Path | None:
         """Always None: blobs in memory have no file (callers fall back to :meth:`write_to`)."""
         return None
 
-    def lease(self, digests: Iterable[Digest]) -> _Lease:
+    def lease(self, digests: Iterable[Digest]) -> Lease:
         """Pin blobs against eviction while held (``with`` or ``async with``), as DiskCAS does."""
-        return _Lease(self._pins, list(digests))
+        return self._pins.lease(digests)
 
     def _new_writer(self, digest: Digest) -> Writer:
         self._reserve(digest.size)
@@ -120,34 +118,6 @@ class MemoryCAS(CAS):
         if digest not in self._blobs:
             self._blobs[digest] = data
             self._bytes += len(data)
-
-
-class _Lease:
-    def __init__(self, pins: dict[Digest, int], digests: list[Digest]) -> None:
-        self._pins = pins
-        self._digests = digests
-        self._held = False
-
-    def __enter__(self) -> _Lease:
-        if not self._held:
-            self._held = True
-            for d in self._digests:
-                self._pins[d] = self._pins.get(d, 0) + 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._held:
-            self._held = False
-            for d in self._digests:
-                n = self._pins.pop(d) - 1
-                if n:
-                    self._pins[d] = n
-
-    async def __aenter__(self) -> _Lease:
-        return self.__enter__()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.__exit__()
 
 
 class _Slices:
