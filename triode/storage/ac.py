@@ -1,7 +1,7 @@
 """The action cache: action digest to action result, a hit only while its blobs exist.
 
 Entries are msgpack maps of the shape :func:`validate_action_result` checks (see
-docs/protocol.md). On disk each is a file ``ac/ab/cd/HASH`` written atomically
+docs/protocol.md). On disk each is a file ``ac/ab/HASH_SIZE`` written atomically
 beside the CAS; without a data dir they live in a bounded dict.
 """
 
@@ -18,7 +18,7 @@ import trio
 from ..errors import FailedPrecondition, InvalidArgument
 from .cas import CAS
 from .digest import Digest
-from .disk import atomic_write
+from .disk import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from .tier import Backing
@@ -180,6 +180,16 @@ class ActionCache:
             self.root.mkdir(parents=True, exist_ok=True)
             assert self.tmp_dir is not None
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            # One level of 256 shards, made once here: with two levels nearly every new
+            # entry made (and fsynced) a directory of its own, which cost more than the entry.
+            made = False
+            for shard in range(256):
+                path = self.root / f"{shard:02x}"
+                if not path.is_dir():
+                    path.mkdir()
+                    made = True
+            if made:  # the shards must survive a crash with the entries written into them
+                fsync_dir(self.root)
         self.max_entries = max_entries
         self._memory: OrderedDict[Digest, bytes] = OrderedDict()
         #: A tier behind this one (set by the storage part when the node has ``--backing``).
@@ -194,7 +204,7 @@ class ActionCache:
 
     def _path(self, key: Digest) -> Path:
         assert self.root is not None
-        return self.root / key.hash[:2] / key.hash[2:4] / f"{key.hash}_{key.size}"
+        return self.root / key.hash[:2] / f"{key.hash}_{key.size}"
 
     async def _load(self, key: Digest) -> dict[str, Any] | None:
         if self.root is None:

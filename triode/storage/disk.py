@@ -32,7 +32,7 @@ from ..errors import BlobNotFound, ResourceExhausted, TooLarge
 from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Lease, Pins, Writer, _single
 from .digest import EMPTY, Digest
 
-__all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write"]
+__all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write", "fsync_dir"]
 
 #: A temp file whose writer is gone for this long is swept even if its pid was reused.
 TEMP_MAX_AGE = 24 * 3600.0
@@ -91,7 +91,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -108,7 +108,7 @@ def _ensure_dir(path: Path) -> None:
         os.mkdir(path)
     except FileExistsError:
         return
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _os_error(exc: OSError, what: str) -> Exception:
@@ -135,7 +135,7 @@ def atomic_write(tmp_dir: Path, final: Path, data: bytes, *, mode: int = 0o444) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 class DiskCAS(CAS):
@@ -542,7 +542,7 @@ class _DiskWriter(Writer):
         final = self._cas._path(self.digest.hash)
         _ensure_dir(final.parent)
         os.replace(self.tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     async def _store(self) -> None:
         try:
