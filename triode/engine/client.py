@@ -18,8 +18,8 @@ from typing import Any
 import trio
 
 from ..errors import InvalidArgument, InvalidPath
-from ..storage.cas import READ_CHUNK
-from ..storage.digest import Digest, Hasher
+from ..storage.cas import hash_file_sync
+from ..storage.digest import Digest
 from ..wire.connection import Connection
 from .action import Action, Input
 from .execute import ExecuteOutcome
@@ -60,14 +60,6 @@ def _relative(root: Path, path: str | os.PathLike[str]) -> str:
     return rel.replace(os.sep, "/")
 
 
-def _hash(path: Path) -> Digest:
-    hasher = Hasher()
-    with open(path, "rb") as f:
-        while block := f.read(READ_CHUNK):
-            hasher.update(block)
-    return hasher.digest()
-
-
 def scan_inputs(root: Path, paths: Iterable[str | os.PathLike[str]]) -> LocalInputs:
     """Walk and hash ``paths`` (files or directories, taken recursively) under ``root``.
 
@@ -80,7 +72,7 @@ def scan_inputs(root: Path, paths: Iterable[str | os.PathLike[str]]) -> LocalInp
 
     def add_file(rel: str, full: Path) -> None:
         st = os.stat(full)
-        digest = _hash(full)
+        digest = hash_file_sync(full)
         out.inputs[rel] = Input(digest, bool(st.st_mode & stat.S_IXUSR))
         out.sources.setdefault(digest, full)
 

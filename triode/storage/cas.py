@@ -33,6 +33,7 @@ __all__ = [
     "Writer",
     "PartialUploads",
     "READ_CHUNK",
+    "hash_file_sync",
     "WRITE_BATCH",
     "DEFAULT_MAX_BLOB_SIZE",
     "digest_of",
@@ -62,7 +63,8 @@ async def digest_of(data: bytes | bytearray | memoryview) -> Digest:
     return await trio.to_thread.run_sync(Digest.of, data)
 
 
-def _hash_file_sync(path: Path) -> Digest:
+def hash_file_sync(path: Path) -> Digest:
+    """The digest of a local file, read in large blocks (blocking: call it from a thread)."""
     hasher = Hasher()
     with open(path, "rb") as f:
         while block := f.read(READ_CHUNK):
@@ -72,7 +74,7 @@ def _hash_file_sync(path: Path) -> Digest:
 
 async def hash_file(path: Path) -> Digest:
     """The digest of a local file, hashed in a worker thread."""
-    return await trio.to_thread.run_sync(_hash_file_sync, Path(path))
+    return await trio.to_thread.run_sync(hash_file_sync, Path(path))
 
 
 class bytes_chunks:  # noqa: N801 - used like a function
