@@ -62,7 +62,7 @@ async def run_get(args: argparse.Namespace) -> int:
     async with open_cli_client(args) as client:
         if args.zstd:
             client.cas.compression = "zstd"
-        try:  # caught in here: an embedded node's nursery would wrap it in a group
+        try:  # "not found" is a plain no (exit 1); any other failure is triode's (exit 2)
             if args.output is not None:
                 await client.cas.write_to(digest, args.output)
                 return 0

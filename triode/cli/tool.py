@@ -78,7 +78,7 @@ def _input(args: argparse.Namespace) -> Any:
 async def run_call(args: argparse.Namespace) -> int:
     value = _input(args)
     async with open_cli_client(args) as client:
-        # Errors are handled inside the block: an embedded node's nursery would wrap them.
+        # Tool errors and timeouts get exit codes of their own (1 with the stack, 124).
         try:
             output = await client.tools.call(
                 _entrypoint(args),

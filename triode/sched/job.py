@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,4 +95,3 @@ class Placement(Protocol):
 
 
 AcceptedCallback = Callable[[str], None]
-ForwardFn = Callable[[str, Job, AcceptedCallback], Awaitable[dict[str, Any]]]

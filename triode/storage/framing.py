@@ -67,7 +67,7 @@ class Encoder:
 
     def __init__(self, level: int = 1) -> None:
         self._zstd = zstandard.ZstdCompressor(level=check_level(level), write_content_size=True)
-        self.raw_bytes = 0
+        #: Bytes of framed output so far (what went on the wire).
         self.wire_bytes = 0
 
     def encode(self, data: bytes | bytearray | memoryview) -> list[bytes]:
@@ -81,7 +81,6 @@ class Encoder:
                 out.append(_HEADER.pack(_COMPRESSED, len(packed)) + packed)
             else:
                 out.append(_HEADER.pack(_RAW, len(piece)) + piece)
-            self.raw_bytes += len(piece)
             self.wire_bytes += len(out[-1])
         return out
 

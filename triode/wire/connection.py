@@ -261,7 +261,6 @@ class OutgoingCall:
         self.id = call_id
         self.method = method
         self._conn = conn
-        self._upload = upload
         self._upload_ended = not upload
         # A unary call has no streams: their state is only made for the directions in use.
         self._inbound = _Inbound(conn, call_id, open_=True) if download else None

@@ -119,7 +119,6 @@ class _WorkerSet:
         self.workers: set[Worker] = set()
         self.waiting = 0
         self.calls = 0
-        self.last_used = trio.current_time()
         self._stamp = self._file_stamp()
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -157,7 +156,6 @@ class _WorkerSet:
                 f"({config.size} busy, {self.waiting} waiting); raise the pool size or the timeout"
             )
         try:
-            self.last_used = trio.current_time()
             yield
         finally:
             self.slots.release()

@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +79,7 @@ class Worker:
         self.proc = proc
         self.pid = proc.pid
         self.tools: tuple[str, ...] = ()
-        self.runtime_version = ""
         self.calls = 0
-        self.started_at = time.monotonic()
         #: trio time it last went back to its pool's idle set.
         self.idle_since = 0.0
         self.log_bytes = 0
@@ -313,7 +310,6 @@ class Worker:
                 stack=err["stack"],
             )
         self.tools = hello.tools
-        self.runtime_version = hello.runtime
 
     async def _serve(self, on_started: Callable[[Worker], None]) -> TriodeError | None:
         """Start, report, then wait to be stopped; returns the start failure, if any."""
