@@ -272,3 +272,16 @@ async def test_memory_lease_protects_from_eviction() -> None:
         await store.put(os.urandom(4000))
         assert await store.find_missing([kept]) == []
     assert store.size <= 10_000
+
+
+async def test_drop_damaged_removes_the_file_and_its_record(tmp_path) -> None:
+    """path_of trusts the store's record, so a blob found altered is dropped through the store."""
+    store = DiskCAS(tmp_path)
+    digest = await store.put(b"x" * 100)
+    path = store.path_of(digest)
+    assert path is not None
+    size = store.size
+    assert not store.drop_damaged(digest, path.stat().st_ino + 1)  # replaced since: kept
+    assert store.drop_damaged(digest, path.stat().st_ino)
+    assert not path.exists() and store.path_of(digest) is None and store.size == size - 100
+    assert await store.find_missing([digest]) == [digest]

@@ -268,3 +268,30 @@ async def test_put_file_resumes(client: triode.Client, tmp_path) -> None:
     assert await client.cas.upload_status("file-upload-1") == 0
     with pytest.raises(BlobNotFound):
         await client.cas.get(Digest.of(b"nope" * 100_000))
+
+
+def _alter_stored(data_dir: Path, digest: Digest, *, at: int) -> None:
+    (stored,) = data_dir.rglob(digest.hash)
+    stored.chmod(0o644)
+    with open(stored, "r+b") as f:
+        f.seek(at)
+        f.write(b"X")
+
+
+@pytest.mark.parametrize("encoding", ["identity", "zstd"])
+async def test_a_blob_altered_on_the_node_is_refused_by_the_reader(tmp_path, encoding: str) -> None:
+    """Downloads are verified (by a hashing task beside the reader): bytes that do not match
+    their digest end in DigestMismatch, and nothing is left running."""
+    data = _data(9 * MiB, "compressible")
+    async with no_leaks():
+        async with triode.open_node(listen="127.0.0.1:0", data=tmp_path) as node:
+            async with triode.connect(node.address) as client:
+                digest = await client.cas.put(data)
+                _alter_stored(Path(node.config.data), digest, at=5 * MiB)
+                with pytest.raises(DigestMismatch, match="hash to"):
+                    await client.cas.get(digest, encoding=encoding)
+                with pytest.raises(DigestMismatch):
+                    async with client.cas.open_read(digest, encoding=encoding) as chunks:
+                        async for _ in chunks:
+                            pass
+                assert await client.ping()

@@ -799,3 +799,36 @@ async def test_goodbye_refuses_new_calls_and_lets_running_ones_finish(
                 await client.call("slow")
             await server.wait_idle()
         assert result == ["finished"]
+
+
+async def test_receive_many_takes_what_is_buffered_up_to_its_limit(autojump_clock: trio.abc.Clock) -> None:
+    """Bulk readers (zstd decoding) take several buffered chunks per wake-up; credit keeps flowing."""
+    batches: list[list[int]] = []
+
+    async def gather(call: IncomingCall) -> int:
+        await trio.sleep(1)  # let the client fill its window first
+        total = 0
+        while (chunks := await call.receive_many(300_000)) is not None:
+            assert chunks and (len(chunks) == 1 or sum(map(len, chunks)) <= 300_000)
+            batches.append([len(c) for c in chunks])
+            total += sum(map(len, chunks))
+        return total
+
+    async def produce(call: IncomingCall) -> None:
+        for _ in range(40):
+            await call.send(b"d" * 100_000)
+
+    async with no_leaks(), pair(table(gather=gather, produce=produce)) as (c, _):
+        async with c.open_call("gather", upload=True) as call:
+            for _ in range(100):  # 10 MB: more than two windows, so credit must come back
+                assert await call.send(b"u" * 100_000)
+            assert await call.result() == 10_000_000
+        assert max(map(len, batches)) > 1  # several chunks per wake-up, never past the limit
+
+        async with c.open_call("produce") as call:
+            await trio.sleep(1)
+            got = 0
+            while (chunks := await call.receive_many(10**9)) is not None:
+                got += sum(map(len, chunks))
+            assert got == 4_000_000
+            await call.result()

@@ -10,7 +10,6 @@ cacheable, and no input was altered through a hard link.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -197,13 +196,14 @@ class Executor:
                     file_digest = await self.cas.put_file(path)
                     files.append({"path": rel, "digest": file_digest.to_wire(), "executable": executable})
                 altered = await maybe_in_thread(len(staged.links) > INLINE_FILES, tampered, staged)
-                for path, stored, blob in altered:
+                for path, blob, inode in altered:
                     log.error(
                         "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
                         "is dropped and the result not cached",
                         digest, path[len(str(root)) + 1 :], blob,
                     )
-                    self._drop_corrupt(stored, path)
+                    self.counters["inputs_altered"] += 1
+                    self.cas.drop_damaged(blob, inode)  # only a disk store hands out files to link
                 uploaded_at = trio.current_time()
         result: dict[str, Any] = {
             "exit_code": run.exit_code,
@@ -297,19 +297,6 @@ class Executor:
         else:
             blob = await self.cas.put(capture.data())
         return {"digest": blob.to_wire(), "truncated": capture.truncated}
-
-    def _drop_corrupt(self, stored: str, link: str) -> None:
-        """Unlink a stored file an action wrote to through its hard link (after a chmod).
-
-        Its bytes no longer match its name; leaving it would serve them to everyone. Only
-        if it is still the inode we linked (the store may have replaced it since).
-        """
-        self.counters["inputs_altered"] += 1
-        try:
-            if os.stat(stored).st_ino == os.stat(link).st_ino:
-                os.unlink(stored)
-        except FileNotFoundError:
-            pass
 
     def info(self) -> dict[str, Any]:
         return {

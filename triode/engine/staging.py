@@ -209,17 +209,17 @@ def _raise_missing(missing: list[Any]) -> None:
         )
 
 
-def tampered(staged: Staged) -> list[tuple[str, str, Digest]]:
+def tampered(staged: Staged) -> list[tuple[str, Digest, int]]:
     """Hard-linked inputs whose inode changed during the run (the action wrote to the CAS file).
 
-    Returns (path in the work dir, stored file, digest) for each.
+    Returns (path in the work dir, digest, inode) for each.
     """
     changed = []
-    for path, src, digest, before in staged.links:
+    for path, _, digest, before in staged.links:
         try:
             after = _fingerprint(os.stat(path))
         except FileNotFoundError:
             continue  # unlinking our link leaves the CAS file alone
         if after[0] == before[0] and after != before:  # same inode (not replaced), changed
-            changed.append((path, src, digest))
+            changed.append((path, digest, after[0]))
     return changed

@@ -309,16 +309,37 @@ class DiskCAS(CAS):
 
         Hold a :meth:`lease` on it first if it must not be evicted while in use.
         """
-        if digest.hash in self._evicting:
+        h = digest.hash
+        if h in self._evicting:
             return None
-        path = self._path(digest.hash)
+        if self._index.get(h) == digest.size:
+            # Known to be stored: no stat. The store alone removes blobs (eviction, or
+            # drop_damaged), and a caller that finds the file gone treats it as missing.
+            self._index.move_to_end(h)
+            return Path(self._str_path(h))
+        path = self._path(h)
         try:
             if os.stat(path).st_size != digest.size:
                 return None
         except FileNotFoundError:
             return None
-        self._seen(digest.hash, digest.size)
+        self._seen(h, digest.size)
         return path
+
+    def drop_damaged(self, digest: Digest, inode: int) -> bool:
+        """Remove the stored file of ``digest`` if it is still inode ``inode``, whose bytes were
+        found altered (an action wrote through its hard link): it no longer matches its name."""
+        path = self._str_path(digest.hash)
+        try:
+            if os.stat(path).st_ino != inode:
+                return False
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        size = self._index.pop(digest.hash, None)
+        if size is not None:
+            self._bytes -= size
+        return True
 
     def lease(self, digests: Iterable[Digest]) -> Lease:
         """Pin blobs against eviction: ``with cas.lease(digests): ...`` (or ``async with``)."""

@@ -63,25 +63,35 @@ def check_level(value: object) -> int:
 
 
 class Encoder:
-    """Turns raw bytes into framed chunks (one compressor per transfer)."""
+    """Turns raw bytes into framed chunks.
 
-    def __init__(self, level: int = 1) -> None:
-        self._zstd = zstandard.ZstdCompressor(level=check_level(level), write_content_size=True)
-        #: Bytes of framed output so far (what went on the wire).
-        self.wire_bytes = 0
+    Every chunk is an independent frame, so chunks can be compressed at the same time:
+    ``lanes`` compressors, and :meth:`encode` with a distinct ``lane`` per concurrent
+    caller (a compressor is not safe to share between threads).
+    """
 
-    def encode(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+    def __init__(self, level: int = 1, *, lanes: int = 1) -> None:
+        level = check_level(level)
+        self._zstd = [
+            zstandard.ZstdCompressor(level=level, write_content_size=True) for _ in range(lanes)
+        ]
+
+    @property
+    def lanes(self) -> int:
+        return len(self._zstd)
+
+    def encode(self, data: bytes | bytearray | memoryview, lane: int = 0) -> list[bytes]:
         """Frame ``data`` (any size) into chunks of at most RAW_CHUNK raw bytes each."""
         out = []
+        compress = self._zstd[lane].compress
         view = memoryview(data).cast("B")
         for start in range(0, len(view), RAW_CHUNK):
             piece = view[start : start + RAW_CHUNK]
-            packed = self._zstd.compress(piece)
+            packed = compress(piece)
             if len(packed) <= len(piece) * (1 - _MIN_SAVING):
                 out.append(_HEADER.pack(_COMPRESSED, len(packed)) + packed)
             else:
                 out.append(_HEADER.pack(_RAW, len(piece)) + piece)
-            self.wire_bytes += len(out[-1])
         return out
 
 
@@ -111,7 +121,7 @@ class Decoder:
             end = pos + _HEADER.size + length
             if len(buf) < end:
                 break
-            payload = bytes(buf[pos + _HEADER.size : end])
+            payload = bytes(memoryview(buf)[pos + _HEADER.size : end])
             pos = end
             if flag == _COMPRESSED:
                 payload = self._decompress(payload)
@@ -121,6 +131,13 @@ class Decoder:
             out.append(payload)
         if pos:
             del buf[:pos]
+        return out
+
+    def feed_all(self, pieces: list[bytes]) -> list[bytes]:
+        """:meth:`feed` for several received pieces at once (one thread hop for all)."""
+        out: list[bytes] = []
+        for piece in pieces:
+            out += self.feed(piece)
         return out
 
     def _decompress(self, frame: bytes) -> bytes:

@@ -81,6 +81,10 @@ class MemoryCAS(CAS):
         """Always None: blobs in memory have no file (callers fall back to :meth:`write_to`)."""
         return None
 
+    def drop_damaged(self, digest: Digest, inode: int) -> bool:
+        """Always False: a blob in memory is never linked, so no action can alter it."""
+        return False
+
     def lease(self, digests: Iterable[Digest]) -> Lease:
         """Pin blobs against eviction while held (``with`` or ``async with``), as DiskCAS does."""
         return self._pins.lease(digests)

@@ -18,18 +18,23 @@ from typing import Any
 import trio
 
 from ..errors import BlobNotFound, FailedPrecondition, TooLarge, TriodeError, from_wire
+from ..nursery import open_service_nursery
 from ..wire.connection import Connection, OutgoingCall
-from .cas import INLINE_LIMIT, _single, bytes_chunks, digest_of, file_chunks, hash_file, write_chunks
+from .cas import _single, bytes_chunks, digest_of, file_chunks, hash_file, write_chunks
 from .digest import Digest, Hasher
 from .framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding
-from .service import BATCH_BYTES, pump
+from .service import BATCH_BYTES, DECODE_BATCH, ENCODE_LANES, decode, pump
 
 __all__ = ["RemoteCAS", "RemoteActionCache"]
 
 #: Digests per ``cas.find_missing`` call (the node takes up to 100,000; this keeps frames small).
 FIND_MISSING_BATCH = 20_000
-#: Downloaded chunks up to this size are hashed on the event loop (a thread hop costs more).
+#: Downloaded bytes up to this size are hashed on the event loop (a thread hop costs more).
 HASH_INLINE = 512 * 1024
+#: Downloaded bytes hashed per worker-thread hop.
+HASH_BATCH = 4 * 1024 * 1024
+#: Downloaded chunks that may wait for the hashing task before the reader waits for it.
+HASH_AHEAD = 8
 #: Blobs up to this size go in unary batch calls rather than streams.
 SMALL_BLOB = 64 * 1024
 
@@ -104,7 +109,7 @@ class RemoteCAS:
         args: dict[str, Any] = {"digest": digest.to_wire(), "encoding": encoding, "offset": offset}
         if upload_id is not None:
             args["upload_id"] = upload_id
-        encoder = Encoder(self.level) if encoding == ZSTD else None
+        encoder = Encoder(self.level, lanes=ENCODE_LANES) if encoding == ZSTD else None
         async with self.connection.open_call("cas.put", args, upload=True) as call:
             await _send_all(call, chunks, encoder)
             reply = await call.result()
@@ -237,8 +242,11 @@ class RemoteCAS:
         """Chunks of the blob from ``offset``; leaving the block early cancels the read on the node."""
         encoding = self._encoding(encoding)
         args = {"digest": digest.to_wire(), "offset": offset, "encoding": encoding, "level": self.level}
-        async with self.connection.open_call("cas.get", args) as call:
-            yield _Download(call, digest, offset, encoding)
+        async with self.connection.open_call("cas.get", args) as call, open_service_nursery() as nursery:
+            try:
+                yield _Download(call, digest, offset, encoding, nursery)
+            finally:
+                nursery.cancel_scope.cancel()  # a reader that left early: stop verifying
 
     async def write_to(self, digest: Digest, path: Path, *, encoding: str | None = None) -> None:
         """Write the blob to ``path`` (a temp file beside it, renamed into place once verified)."""
@@ -265,49 +273,82 @@ async def _send_all(
 
 
 class _Download:
-    """Chunks of a ``cas.get`` stream, decoded, counted and verified at the end."""
+    """Chunks of a ``cas.get`` stream, decoded, counted and verified at the end.
 
-    def __init__(self, call: OutgoingCall, digest: Digest, offset: int, encoding: str) -> None:
+    A whole download (from offset 0) is hashed by a task of its own, in a worker
+    thread, while the reader goes on receiving: verifying then costs the slower of the
+    two rather than their sum. At most :data:`HASH_AHEAD` chunks wait to be hashed.
+    """
+
+    def __init__(
+        self, call: OutgoingCall, digest: Digest, offset: int, encoding: str, nursery: trio.Nursery
+    ) -> None:
         self._call = call
         self._digest = digest
         self._remaining = digest.size - offset
-        self._hasher = Hasher() if offset == 0 else None
         self._decoder = Decoder(self._remaining) if encoding == ZSTD else None
         self._ready: deque[bytes] = deque()
+        self._hasher: Hasher | None = None
+        if offset == 0:
+            self._hasher = Hasher()
+            self._to_hash, to_hash = trio.open_memory_channel[bytes](HASH_AHEAD)
+            self._hashed = trio.Event()
+            nursery.start_soon(self._hash, to_hash)
 
     def __aiter__(self) -> _Download:
         return self
 
     async def __anext__(self) -> bytes:
         while not self._ready:
-            chunk = await self._call.receive()
-            if chunk is None:
-                self._finish()
+            received = await self._call.receive_many(DECODE_BATCH if self._decoder else 0)
+            if received is None:
+                await self._finish()
                 raise StopAsyncIteration
             if self._decoder is None:
-                self._ready.append(chunk)
-            elif len(chunk) > INLINE_LIMIT:
-                self._ready.extend(await trio.to_thread.run_sync(self._decoder.feed, chunk))
+                self._ready.extend(received)
             else:
-                self._ready.extend(self._decoder.feed(chunk))
+                self._ready.extend(await decode(self._decoder, received))
         chunk = self._ready.popleft()
         self._remaining -= len(chunk)
         if self._remaining < 0:
             raise FailedPrecondition(f"node sent more than the {self._digest.size} bytes of {self._digest}")
         if self._hasher is not None:
-            if len(chunk) > HASH_INLINE:
-                await trio.to_thread.run_sync(self._hasher.update, chunk)
-            else:
-                self._hasher.update(chunk)
+            await self._to_hash.send(chunk)
         return chunk
 
-    def _finish(self) -> None:
+    async def _hash(self, chunks: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Hash what the reader received, :data:`HASH_BATCH` bytes per thread hop."""
+        hasher = self._hasher
+        assert hasher is not None
+        batch: list[bytes] = []
+        size = 0
+        async with chunks:
+            async for chunk in chunks:
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= HASH_BATCH:
+                    await trio.to_thread.run_sync(_update_all, hasher, batch)
+                    batch, size = [], 0
+        if size > HASH_INLINE:
+            await trio.to_thread.run_sync(_update_all, hasher, batch)
+        else:
+            _update_all(hasher, batch)
+        self._hashed.set()
+
+    async def _finish(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
         if self._remaining:
             raise FailedPrecondition(f"node ended the stream of {self._digest} {self._remaining} bytes short")
         if self._hasher is not None:
+            self._to_hash.close()
+            await self._hashed.wait()
             self._hasher.verify(self._digest)
+
+
+def _update_all(hasher: Hasher, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        hasher.update(chunk)
 
 
 class _Waiter:

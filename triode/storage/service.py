@@ -21,14 +21,19 @@ from ..wire.router import Router
 from .ac import ActionCache
 from .cas import CAS, INLINE_LIMIT
 from .digest import Digest
-from .framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding, check_level
+from .framing import IDENTITY, RAW_CHUNK, ZSTD, Decoder, Encoder, check_encoding, check_level
 
-__all__ = ["register", "MAX_DIGESTS", "BATCH_BYTES", "Upload"]
+__all__ = ["register", "MAX_DIGESTS", "BATCH_BYTES", "DECODE_BATCH", "Upload", "decode", "encode", "pump"]
 
 #: Digests in one ``cas.find_missing`` or ``cas.batch_read`` call.
 MAX_DIGESTS = 100_000
 #: Bytes of blob data in one ``cas.batch_read`` answer or ``cas.batch_update`` call.
 BATCH_BYTES = 4 * 1024 * 1024
+#: Received zstd framing decoded per worker-thread hop (at most).
+DECODE_BATCH = 1024 * 1024
+#: Worker threads compressing one transfer at once (compression is the slow end of a
+#: zstd transfer; the far side only decompresses, several times faster).
+ENCODE_LANES = 2
 
 
 def _args(call: IncomingCall, *required: str) -> dict[str, Any]:
@@ -74,26 +79,49 @@ class Upload:
         return self
 
     async def __anext__(self) -> bytes:
-        while not self._ready:
+        if self._decoder is None:
             chunk = await self._call.receive()
             if chunk is None:
-                if self._decoder is not None:
-                    self._decoder.close()
                 raise StopAsyncIteration
-            if self._decoder is None:
-                return chunk
-            if len(chunk) > INLINE_LIMIT:
-                self._ready.extend(await trio.to_thread.run_sync(self._decoder.feed, chunk))
-            else:
-                self._ready.extend(self._decoder.feed(chunk))
+            return chunk
+        while not self._ready:
+            framed = await self._call.receive_many(DECODE_BATCH)
+            if framed is None:
+                self._decoder.close()
+                raise StopAsyncIteration
+            self._ready.extend(await decode(self._decoder, framed))
         return self._ready.popleft()
 
 
+async def decode(decoder: Decoder, framed: list[bytes]) -> list[bytes]:
+    """Raw bytes of received zstd framing: everything in one worker-thread hop when large."""
+    if sum(map(len, framed)) > INLINE_LIMIT:
+        return await trio.to_thread.run_sync(decoder.feed_all, framed)
+    return decoder.feed_all(framed)
+
+
 async def encode(encoder: Encoder, chunk: bytes | memoryview) -> list[bytes]:
-    """Frame (and compress) a chunk, in a worker thread when it is large."""
-    if len(chunk) > INLINE_LIMIT:
-        return await trio.to_thread.run_sync(encoder.encode, chunk)
-    return encoder.encode(chunk)
+    """Frame (and compress) a chunk: in worker threads when it is large, one per lane of
+    the encoder, each compressing its share of the chunk's frames."""
+    if len(chunk) <= INLINE_LIMIT:
+        return encoder.encode(chunk)
+    view = memoryview(chunk).cast("B")
+    frames = -(-len(view) // RAW_CHUNK)
+    lanes = min(encoder.lanes, frames)
+    if lanes == 1:
+        return await trio.to_thread.run_sync(encoder.encode, view)
+    per_lane = -(-frames // lanes) * RAW_CHUNK
+    parts: list[list[bytes]] = [[] for _ in range(lanes)]
+
+    async def one(lane: int) -> None:
+        piece = view[lane * per_lane : (lane + 1) * per_lane]
+        parts[lane] = await trio.to_thread.run_sync(encoder.encode, piece, lane)
+
+    async with trio.open_nursery() as nursery:
+        for lane in range(1, lanes):
+            nursery.start_soon(one, lane)
+        await one(0)
+    return [frame for part in parts for frame in part]
 
 
 async def pump(
@@ -168,7 +196,7 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
         digest = Digest.from_wire(args["digest"])
         offset = _int_arg(args, "offset")
         encoding = _encoding(call, args)
-        encoder = Encoder(check_level(args.get("level", 1))) if encoding == ZSTD else None
+        encoder = Encoder(check_level(args.get("level", 1)), lanes=ENCODE_LANES) if encoding == ZSTD else None
         async with cas.open_read(digest, offset) as chunks:
             sent = await pump(chunks, encoder, call.send)
         return {"size": sent}

@@ -204,13 +204,31 @@ class _Inbound:
                 return None
             await self._lot.park()
         chunk = self._chunks.popleft()
-        self._consumed += len(chunk)
-        window = self._conn.config.window
-        if self._consumed >= window // 2 and not self._ended:
+        self._credit_back(len(chunk))
+        return chunk
+
+    async def receive_many(self, limit: int) -> list[bytes] | None:
+        """The next chunk and whatever else is already here, up to ``limit`` bytes in all
+        (at least one chunk); None at the end of the stream."""
+        first = await self.receive()
+        if first is None:
+            return None
+        out = [first]
+        size = len(first)
+        chunks = self._chunks
+        while chunks and size + len(chunks[0]) <= limit:
+            chunk = chunks.popleft()
+            size += len(chunk)
+            out.append(chunk)
+        self._credit_back(size - len(first))
+        return out
+
+    def _credit_back(self, n: int) -> None:
+        self._consumed += n
+        if self._consumed >= self._conn.config.window // 2 and not self._ended:
             self._allowance += self._consumed
             self._conn._send_nowait(codec.encode([CREDIT, self._id, self._consumed]))
             self._consumed = 0
-        return chunk
 
 
 class _Outbound:
@@ -292,6 +310,12 @@ class OutgoingCall:
         assert self._inbound is not None  # open_call always opens the download
         return await self._inbound.receive()
 
+    async def receive_many(self, limit: int) -> list[bytes] | None:
+        """The next downloaded chunk and those already buffered behind it, up to ``limit``
+        bytes (at least one chunk); None at the end of the stream."""
+        assert self._inbound is not None
+        return await self._inbound.receive_many(limit)
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
@@ -366,6 +390,14 @@ class IncomingCall:
             await trio.lowlevel.checkpoint()
             return None
         return await self._inbound.receive()
+
+    async def receive_many(self, limit: int) -> list[bytes] | None:
+        """The next uploaded chunk and those already buffered behind it, up to ``limit``
+        bytes (at least one chunk); None at the end of the upload."""
+        if self._inbound is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._inbound.receive_many(limit)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
