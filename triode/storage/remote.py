@@ -300,7 +300,8 @@ class _Download:
 
     async def __anext__(self) -> bytes:
         while not self._ready:
-            received = await self._call.receive_many(DECODE_BATCH if self._decoder else 0)
+            # Framing is decoded in batches (one thread hop each); raw chunks go one by one.
+            received = await self._call.receive_many(0 if self._decoder is None else DECODE_BATCH)
             if received is None:
                 await self._finish()
                 raise StopAsyncIteration

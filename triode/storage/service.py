@@ -31,8 +31,10 @@ MAX_DIGESTS = 100_000
 BATCH_BYTES = 4 * 1024 * 1024
 #: Received zstd framing decoded per worker-thread hop (at most).
 DECODE_BATCH = 1024 * 1024
-#: Worker threads compressing one transfer at once (compression is the slow end of a
-#: zstd transfer; the far side only decompresses, several times faster).
+#: Worker threads compressing one transfer at once. Compression is the slow end of a zstd
+#: transfer (the far side only decompresses, several times faster), so a node with spare
+#: cores sends sooner; on the 2-core benchmark machine, with both cores busy, it measured
+#: the same as one lane.
 ENCODE_LANES = 2
 
 
