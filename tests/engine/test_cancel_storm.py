@@ -25,20 +25,32 @@ async def test_thousand_random_cancellations_leak_nothing(tmp_path: Path) -> Non
     try:
         blob = await rig.cas.put(b"input bytes\n")
         rng = random.Random(1234)
-        tasks0, fds0, children0 = len(live_tasks()), dict(open_fds()), dict(child_processes())
-        before = snapshot()
-        outcomes = {"cancelled": 0, "finished": 0}
-        for i in range(N):
-            # Vary the action so none is a cache hit, and cancel anywhere from before the
-            # cache lookup to after the process ended (staging, running, collecting).
-            action = Action(
+
+        def action_for(i: int) -> Action:
+            # Varied so that none is a cache hit.
+            return Action(
                 ("/bin/sh", "-c", f"cat in.txt > out.txt; exit {i % 2}"),
                 inputs={"in.txt": Input(blob)},
                 outputs=("out.txt",),
                 env={"N": str(i)},
             )
-            with trio.move_on_after(rng.uniform(0, 0.012)) as scope:
-                await rig.executor.execute(action)
+
+        # Cancel anywhere from before the cache lookup to a little after a typical run
+        # ends (staging, running, collecting): the window follows this machine's speed,
+        # so about two thirds are cut short whether an execution takes 3 ms or 30.
+        took = []
+        for i in range(5):
+            start = trio.current_time()
+            await rig.executor.execute(action_for(-1 - i))
+            took.append(trio.current_time() - start)
+        window = 1.5 * sorted(took)[2]
+        await eventually(lambda: rig.executor.info()["cache_writes_pending"] == 0, 2)
+        tasks0, fds0, children0 = len(live_tasks()), dict(open_fds()), dict(child_processes())
+        before = snapshot()
+        outcomes = {"cancelled": 0, "finished": 0}
+        for i in range(N):
+            with trio.move_on_after(rng.uniform(0, window)) as scope:
+                await rig.executor.execute(action_for(i))
             outcomes["cancelled" if scope.cancelled_caught else "finished"] += 1
         # Counted one by one, so a failure says which kind leaked.
         await eventually(lambda: not snapshot().leaks_since(before), 2)
