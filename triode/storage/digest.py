@@ -106,6 +106,11 @@ class Hasher:
         self._sha.update(data)
         self.size += len(data)
 
+    def update_all(self, chunks: list[bytes] | list[bytes | memoryview]) -> None:
+        """Hash several chunks in one call (one worker-thread hop for a batch)."""
+        for chunk in chunks:
+            self.update(chunk)
+
     def digest(self) -> Digest:
         return Digest(self._sha.hexdigest(), self.size)
 

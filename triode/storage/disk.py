@@ -519,7 +519,7 @@ class _DiskWriter(Writer):
 
     async def write(self, chunks: list[bytes | memoryview]) -> None:
         if sum(map(len, chunks)) <= INLINE_LIMIT:
-            self._hash_sync(chunks)
+            self.hasher.update_all(chunks)
             self._write_sync(chunks, self.hasher.size - sum(map(len, chunks)))
             await trio.lowlevel.checkpoint()
             return
@@ -528,14 +528,10 @@ class _DiskWriter(Writer):
         start = self.hasher.size
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, self._hash_sync, chunks)
+                nursery.start_soon(trio.to_thread.run_sync, self.hasher.update_all, chunks)
                 await trio.to_thread.run_sync(self._write_sync, chunks, start)
         except BaseExceptionGroup as group:
             raise _single(group) from None
-
-    def _hash_sync(self, chunks: list[bytes | memoryview]) -> None:
-        for chunk in chunks:
-            self.hasher.update(chunk)
 
     def _write_sync(self, chunks: list[bytes | memoryview], start: int) -> None:
         fd = self._fd

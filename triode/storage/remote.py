@@ -328,12 +328,12 @@ class _Download:
                 batch.append(chunk)
                 size += len(chunk)
                 if size >= HASH_BATCH:
-                    await trio.to_thread.run_sync(_update_all, hasher, batch)
+                    await trio.to_thread.run_sync(hasher.update_all, batch)
                     batch, size = [], 0
         if size > HASH_INLINE:
-            await trio.to_thread.run_sync(_update_all, hasher, batch)
+            await trio.to_thread.run_sync(hasher.update_all, batch)
         else:
-            _update_all(hasher, batch)
+            hasher.update_all(batch)
         self._hashed.set()
 
     async def _finish(self) -> None:
@@ -345,11 +345,6 @@ class _Download:
             self._to_hash.close()
             await self._hashed.wait()
             self._hasher.verify(self._digest)
-
-
-def _update_all(hasher: Hasher, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        hasher.update(chunk)
 
 
 class _Waiter:
