@@ -65,6 +65,35 @@ async def test_engine_info_is_in_node_info(client: triode.Client) -> None:
     assert info["engine"]["work_dirs"] == 0 and "executed" in info["engine"]
 
 
+async def test_cache_writes_behind_the_answer_go_in_batches(tmp_path: Path) -> None:
+    # Results that wait for the writer are written together: one update_many, one thread hop.
+    actions = [Action(("true",), env={"I": str(i)}) for i in range(8)]
+    async with triode.open_node(listen=None, data=tmp_path / "d") as node:
+        engine = node.parts["engine"]
+        ac = node.parts["storage"].ac
+        batches: list[int] = []
+        release = trio.Event()
+        update_many = ac.update_many
+
+        async def held_first(entries):  # type: ignore[no-untyped-def]
+            batches.append(len(entries))
+            if len(batches) == 1:
+                await release.wait()  # the writer is busy: the others queue behind it
+            return await update_many(entries)
+
+        ac.update_many = held_first
+        async with trio.open_nursery() as nursery:
+            for action in actions:
+                nursery.start_soon(engine.execute, action)
+        # Every caller has its answer already; the results wait in memory.
+        assert engine.info()["cache_writes_pending"] == len(actions)
+        assert all([(await engine.execute(a)).cached for a in actions])
+        release.set()
+        assert await eventually(lambda: engine.info()["cache_writes_pending"] == 0, 10)
+        assert sum(batches) == len(actions) and len(batches) <= 2
+        assert engine.info()["cache_writes"] == len(actions)
+
+
 async def test_cache_writes_behind_the_answer_are_drained_on_close(tmp_path: Path) -> None:
     actions = [Action(("true",), env={"I": str(i)}) for i in range(20)]
     async with triode.open_node(listen=None, data=tmp_path / "d") as node:

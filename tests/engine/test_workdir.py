@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import trio
@@ -59,3 +60,39 @@ async def test_executions_get_fresh_empty_dirs_and_the_pool_stays_bounded(tmp_pa
     finally:
         dirs.close()
     assert len(seen) == 10 * READY
+
+
+async def test_a_dir_left_as_it_was_is_reused_under_a_new_name_and_any_other_is_removed(
+    tmp_path: Path,
+) -> None:
+    dirs = WorkDirs(tmp_path, "node")
+    dirs.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dirs.remover)
+            async with dirs.create() as untouched:
+                pass
+            assert not untouched.exists()  # renamed: paths stay unique per execution
+            assert len(dirs._ready) == 1 and dirs.count() == 0
+            reused = dirs._ready[0]
+
+            changed = []
+            for change in ("file", "mode", "scratch", "subdir"):
+                async with dirs.create() as root:
+                    if change == "file":
+                        (root / "out").write_text("x")
+                    elif change == "mode":
+                        root.chmod(stat.S_IMODE(root.stat().st_mode) ^ 0o020)
+                    elif change == "scratch":
+                        (root.parent / (root.name + ".scratch")).mkdir()
+                    else:
+                        (root / "sub").mkdir()
+                    changed.append(root)
+                assert dirs._ready == [], change  # not put back
+            assert await eventually(lambda: dirs.count() == 0, 10)
+            assert not any(p.exists() for p in changed)
+            assert reused not in dirs._ready  # it was handed out again first
+            dirs.stop_remover()
+    finally:
+        dirs.close()
+    assert not (tmp_path / "node").exists()

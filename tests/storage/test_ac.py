@@ -80,3 +80,28 @@ async def test_over_the_wire(client: triode.Client) -> None:
         await client.ac.update(ACTION, {"exit_code": None})
     with pytest.raises(InvalidArgument):
         await client.connection.call("ac.get", {"action_digest": "x"})
+
+
+@pytest.mark.parametrize("where", ["disk", "memory"])
+async def test_update_many_stores_the_good_entries_and_names_each_bad_one(tmp_path, where: str) -> None:
+    cas = DiskCAS(tmp_path) if where == "disk" else MemoryCAS(limit=10_000)
+    ac = ActionCache(cas, tmp_path / "ac" if where == "disk" else None)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    keys = [Digest.of(b"action %d" % i) for i in range(4)]
+    errors = await ac.update_many([
+        (keys[0], _result(stdout, out)),
+        (keys[1], _result(stdout, Digest.of(b"never uploaded"))),
+        (keys[2], {"exit_code": "zero"}),
+        (keys[3], _result(out, stdout)),
+    ])
+    assert errors[0] is None and errors[3] is None
+    assert isinstance(errors[1], FailedPrecondition) and "not in the CAS" in str(errors[1])
+    assert isinstance(errors[2], InvalidArgument) and "exit_code" in str(errors[2])
+    assert await ac.get(keys[0]) == _result(stdout, out)
+    assert await ac.get(keys[3]) == _result(out, stdout)
+    assert await ac.get(keys[1]) is None and await ac.get(keys[2]) is None
+    assert ac.counters["updates"] == 2
+    if where == "disk":  # all written through one temp dir, none left in it
+        assert await ActionCache(cas, tmp_path / "ac").get(keys[3]) == _result(out, stdout)
+        assert list((tmp_path / "tmp").iterdir()) == []
+    assert await ac.update_many([]) == []

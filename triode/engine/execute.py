@@ -31,8 +31,10 @@ __all__ = ["Executor", "ExecuteOutcome", "EngineConfig"]
 
 log = logging.getLogger("triode.engine")
 
-#: Results queued for the action cache behind their answers.
+#: Results queued for the action cache behind their answers (and the most written at once).
 WRITE_BEHIND = 64
+#: Seconds the first result of a batch waits for others to join it (see write_behind).
+BATCH_WINDOW = 0.005
 #: The largest result an execution may return (it must fit a frame and an action cache entry).
 MAX_RESULT_BYTES = 4 * 1024 * 1024
 #: Small action results kept in memory for repeat lookups, and what "small" means.
@@ -266,24 +268,39 @@ class Executor:
 
         The cache write (an fsynced file) is the slowest step of a short action; doing it
         here frees the caller and its executor slot sooner. Until it is written the result
-        is served from memory, so a repeat of the action is a hit all the same. At most
-        :data:`WRITE_BEHIND` wait; past that a caller writes its own. Run it in the
-        engine's nursery; :meth:`close_writes` makes it finish the queue and return.
+        is served from memory, so a repeat of the action is a hit all the same. Results
+        are written in batches, one thread hop each: the first result waits up to
+        :data:`BATCH_WINDOW` seconds for others to join it. At most :data:`WRITE_BEHIND`
+        wait; past that a caller writes its own. Run it in the engine's nursery;
+        :meth:`close_writes` makes it finish the queue and return.
         """
         send, receive = trio.open_memory_channel[tuple[Digest, dict[str, Any]]](WRITE_BEHIND)
         self._writes = send
         task_status.started()
         async with receive:
-            async for digest, result in receive:
-                try:
-                    await self.ac.update(digest, result)
-                    self.counters["cache_writes"] += 1
-                    self._remember(digest, result)
-                except (TriodeError, OSError) as exc:
-                    log.warning("could not cache the result of action %s: %s", digest, exc)
-                finally:
-                    if self._pending.get(digest) is result:
-                        del self._pending[digest]
+            async for first in receive:
+                batch = [first]
+                with trio.move_on_after(BATCH_WINDOW):
+                    while len(batch) < WRITE_BEHIND:
+                        try:
+                            batch.append(await receive.receive())
+                        except trio.EndOfChannel:  # closing: write what we have now
+                            break
+                await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[tuple[Digest, dict[str, Any]]]) -> None:
+        try:
+            errors: list[Any] = await self.ac.update_many(batch)
+        except (TriodeError, OSError) as exc:
+            errors = [exc] * len(batch)
+        for (digest, result), error in zip(batch, errors, strict=True):
+            if error is None:
+                self.counters["cache_writes"] += 1
+                self._remember(digest, result)
+            else:
+                log.warning("could not cache the result of action %s: %s", digest, error)
+            if self._pending.get(digest) is result:
+                del self._pending[digest]
 
     def close_writes(self) -> None:
         """Let :meth:`write_behind` finish what is queued and return."""

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -107,6 +108,8 @@ class WorkDirs:
         self._making: set[Path] = set()
         self._low = trio.Event()
         self._stopping = False
+        #: The permission bits of a dir as made (set by open); a reused dir must have them.
+        self._fresh_mode = 0o755
 
     def open(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -123,6 +126,10 @@ class WorkDirs:
             os.close(fd)  # another node's clean-up removed the file we locked: lock the new one
         self._lock_fd = fd
         self.root.mkdir(exist_ok=True)
+        probe = self.root / f"probe-{uuid.uuid4().hex}"
+        probe.mkdir()
+        self._fresh_mode = stat.S_IMODE(probe.stat().st_mode)  # what mkdir gives under our umask
+        probe.rmdir()
 
     def close(self) -> None:
         remove_tree(self.root)
@@ -156,6 +163,8 @@ class WorkDirs:
 
         Its scratch space (see :func:`scratch_of`) goes with it. With :meth:`remover`
         running, the removal happens just behind the block's end, off its caller's path.
+        A dir left exactly as it was handed out is renamed and kept for a later execution
+        instead (see :meth:`_reuse`).
         """
         if self._ready:
             path = self._ready.pop()
@@ -171,15 +180,50 @@ class WorkDirs:
         try:
             yield path
         finally:
-            try:
-                if self._removals is None:
-                    raise trio.ClosedResourceError
-                self._removals.send_nowait(path)
-            except (trio.WouldBlock, trio.ClosedResourceError):
-                # In a worker thread even when bare: an rmdir waits for the file system's
-                # journal, milliseconds while other threads fsync (the action cache does).
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_remove, path)
+            if not self._reuse(path):
+                await self._remove_behind(path)
+
+    async def _remove_behind(self, path: Path) -> None:
+        """Hand ``path`` to :meth:`remover`, or remove it now when no remover takes it."""
+        try:
+            if self._removals is None:
+                raise trio.ClosedResourceError
+            self._removals.send_nowait(path)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            # In a worker thread even when bare: an rmdir waits for the file system's
+            # journal, milliseconds while other threads fsync (the action cache does).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_remove, path)
+
+    def _reuse(self, path: Path) -> bool:
+        """Put back a work dir its action left exactly as it got it, under a new name.
+
+        Removing it and making another frees an inode and allocates one; on ext4 without
+        a journal a freed inode is skipped by every allocation for a minute or more, each
+        skip a read of the inode table, so steady churn makes every create in the file
+        system slower (we measured a create at 35 us before and 900 us after). An action
+        that wrote nothing is the usual case for short commands. The new name keeps
+        paths unique per execution; the checks (empty, same mode, no extended attributes,
+        no scratch) make sure the next action cannot tell. A process that escaped its
+        group and still sits in the dir could reach the next action here, as it could any
+        path this node's user can write to: reuse gives it nothing it did not have.
+        """
+        if self._stopping or len(self._ready) >= READY:
+            return False
+        try:
+            if stat.S_IMODE(os.lstat(path).st_mode) != self._fresh_mode or os.listxattr(path):
+                return False
+            with os.scandir(path) as entries:
+                if next(entries, None) is not None:
+                    return False
+            if os.path.lexists(scratch_of(path)):
+                return False
+            fresh = self.root / uuid.uuid4().hex
+            os.rename(path, fresh)
+        except OSError:
+            return False
+        self._ready.append(fresh)
+        return True
 
     async def remover(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Remove finished work dirs behind their executions, and make fresh ones to replace

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ..errors import BlobNotFound, ResourceExhausted, TooLarge
 from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Lease, Pins, Writer, _single
 from .digest import EMPTY, Digest
 
-__all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write", "fsync_dir"]
+__all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write", "atomic_write_many", "fsync_dir"]
 
 #: A temp file whose writer is gone for this long is swept even if its pid was reused.
 TEMP_MAX_AGE = 24 * 3600.0
@@ -119,23 +119,32 @@ def _os_error(exc: OSError, what: str) -> Exception:
 
 def atomic_write(tmp_dir: Path, final: Path, data: bytes, *, mode: int = 0o444) -> None:
     """Write ``data`` to ``final`` all-or-nothing: temp file, fsync, rename, fsync the dir."""
-    tmp = tmp_dir / f"{os.getpid()}.{final.name[:16]}.{os.urandom(6).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    atomic_write_many(tmp_dir, [(final, data)], mode)
+
+
+def atomic_write_many(tmp_dir: Path, files: Sequence[tuple[Path, bytes]], mode: int = 0o444) -> None:
+    """:func:`atomic_write` for several files, each directory fsynced once after all renames."""
+    parents: dict[Path, None] = {}
+    for final, data in files:
+        tmp = tmp_dir / f"{os.getpid()}.{final.name[:16]}.{os.urandom(6).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        _ensure_dir(final.parent)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            _ensure_dir(final.parent)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        parents[final.parent] = None
+    for parent in parents:
+        fsync_dir(parent)
 
 
 class DiskCAS(CAS):
