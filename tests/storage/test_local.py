@@ -61,6 +61,39 @@ def test_digest_parsing() -> None:
         Digest.from_wire([d.hash, "3"])
 
 
+_hex = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+_wire_digest = st.one_of(
+    st.tuples(_hex, st.integers(min_value=0, max_value=2**40)).map(list),  # good: most of them
+    st.tuples(_hex, st.integers(min_value=0, max_value=2**40)).map(list),
+    st.tuples(_hex.map(str.upper), st.integers(0, 10)).map(list),
+    st.tuples(_hex.map(lambda h: h[:63] + "\u00e9"), st.integers(0, 10)).map(list),
+    st.tuples(_hex.map(lambda h: h[:63] + "g"), st.integers(0, 10)).map(list),
+    st.tuples(_hex, st.integers(max_value=-1)).map(list),
+    st.tuples(_hex, st.floats()).map(list),
+    st.tuples(_hex.map(lambda h: h[:40])),
+    st.just([EMPTY.hash, 0, 1]),
+    st.none(),
+)
+
+
+@given(st.lists(_wire_digest, max_size=20))
+def test_digest_lists_from_the_wire_are_checked_like_single_digests(values: list) -> None:
+    # from_wire_list checks all the hashes in one pass; it must accept and refuse exactly
+    # what from_wire does, one item at a time.
+    expected: list[Digest] | None = []
+    for value in values:
+        try:
+            expected.append(Digest.from_wire(value))
+        except InvalidDigest:
+            expected = None
+            break
+    if expected is None:
+        with pytest.raises(InvalidDigest):
+            Digest.from_wire_list(values)
+    else:
+        assert Digest.from_wire_list(values) == expected
+
+
 @pytest.mark.parametrize("size", [0, 1, READ_CHUNK - 1, READ_CHUNK, READ_CHUNK + 1])
 async def test_round_trip(store: CAS, size: int) -> None:
     data = os.urandom(size)
