@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import uuid
 from pathlib import Path
 
 import trio
 
-from triode.engine.workdir import READY, WorkDirs
+from triode.engine.workdir import READY, WorkDirs, scratch_of
 
 from .conftest import eventually
 
@@ -62,37 +63,48 @@ async def test_executions_get_fresh_empty_dirs_and_the_pool_stays_bounded(tmp_pa
     assert len(seen) == 10 * READY
 
 
-async def test_a_dir_left_as_it_was_is_reused_under_a_new_name_and_any_other_is_removed(
-    tmp_path: Path,
-) -> None:
+def test_only_a_dir_left_as_it_was_is_taken_back(tmp_path: Path) -> None:
+    dirs = WorkDirs(tmp_path, "node")
+    dirs.open()
+
+    def made() -> Path:
+        path = dirs.root / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    try:
+        untouched = made()
+        inode = untouched.stat().st_ino
+        assert dirs._reuse(untouched)
+        assert not untouched.exists()  # renamed: paths stay unique per execution
+        assert dirs._ready[-1].stat().st_ino == inode
+        for change in ("file", "mode", "scratch", "subdir"):
+            root = made()
+            if change == "file":
+                (root / "out").write_text("x")
+            elif change == "mode":
+                root.chmod(stat.S_IMODE(root.stat().st_mode) ^ 0o020)
+            elif change == "scratch":
+                scratch_of(root).mkdir()
+            else:
+                (root / "sub").mkdir()
+            assert not dirs._reuse(root), change
+            assert root.exists(), change  # left where it is, for the remover
+    finally:
+        dirs.close()
+    assert not (tmp_path / "node").exists()
+
+
+async def test_an_execution_that_wrote_nothing_gives_its_dir_back(tmp_path: Path) -> None:
     dirs = WorkDirs(tmp_path, "node")
     dirs.open()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(dirs.remover)
-            async with dirs.create() as untouched:
-                pass
-            assert not untouched.exists()  # renamed: paths stay unique per execution
-            assert len(dirs._ready) == 1 and dirs.count() == 0
-            reused = dirs._ready[0]
-
-            changed = []
-            for change in ("file", "mode", "scratch", "subdir"):
-                async with dirs.create() as root:
-                    if change == "file":
-                        (root / "out").write_text("x")
-                    elif change == "mode":
-                        root.chmod(stat.S_IMODE(root.stat().st_mode) ^ 0o020)
-                    elif change == "scratch":
-                        (root.parent / (root.name + ".scratch")).mkdir()
-                    else:
-                        (root / "sub").mkdir()
-                    changed.append(root)
-                assert dirs._ready == [], change  # not put back
-            assert await eventually(lambda: dirs.count() == 0, 10)
-            assert not any(p.exists() for p in changed)
-            assert reused not in dirs._ready  # it was handed out again first
+            async with dirs.create() as root:
+                inode = root.stat().st_ino
+            assert dirs.count() == 0
+            assert inode in {p.stat().st_ino for p in dirs._ready}
             dirs.stop_remover()
     finally:
         dirs.close()
-    assert not (tmp_path / "node").exists()

@@ -208,7 +208,10 @@ class WorkDirs:
         group and still sits in the dir could reach the next action here, as it could any
         path this node's user can write to: reuse gives it nothing it did not have.
         """
-        if self._stopping or len(self._ready) >= READY:
+        # The pool may be full (the refiller tops it up while dirs are out); a dir coming
+        # back is worth more than a fresh one, which cost a mkdir. It stays bounded: every
+        # dir in it was made while it held fewer than READY, or is one handed out before.
+        if self._stopping or len(self._ready) >= 2 * READY:
             return False
         try:
             if stat.S_IMODE(os.lstat(path).st_mode) != self._fresh_mode or os.listxattr(path):
