@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
 import triode
 from triode.errors import FailedPrecondition, InvalidArgument
@@ -105,3 +106,20 @@ async def test_update_many_stores_the_good_entries_and_names_each_bad_one(tmp_pa
         assert await ActionCache(cas, tmp_path / "ac").get(keys[3]) == _result(out, stdout)
         assert list((tmp_path / "tmp").iterdir()) == []
     assert await ac.update_many([]) == []
+
+
+async def test_on_disk_the_oldest_entries_go_past_the_limit(tmp_path) -> None:
+    cas = DiskCAS(tmp_path)
+    ac = ActionCache(cas, tmp_path / "ac", max_entries=20)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    groups = [[Digest.of(b"action %d %d" % (g, i)) for i in range(10)] for g in range(5)]
+    for group in groups:
+        assert await ac.update_many([(key, _result(stdout, out)) for key in group]) == [None] * 10
+        await trio.sleep(0.05)  # file times are coarse: keep the groups apart
+    entries = sum(len(list(shard.iterdir())) for shard in (tmp_path / "ac").iterdir())
+    assert entries <= 20 and ac.info()["entries"] == entries
+    assert all([await ac.get(key) is not None for key in groups[-1]])  # the newest stay
+    assert all([await ac.get(key) is None for key in groups[0] + groups[1]])  # the oldest went
+    # A cache opened later counts what is there, and keeps to the same limit.
+    again = ActionCache(cas, tmp_path / "ac", max_entries=20)
+    assert again.info()["entries"] == entries

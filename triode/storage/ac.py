@@ -204,11 +204,48 @@ async def _read_entry(path: str) -> bytes | None:
         os.close(fd)
 
 
+def _count_entries(root: Path) -> int:
+    count = 0
+    for shard in os.scandir(root):
+        if shard.is_dir(follow_symlinks=False):
+            count += len(os.listdir(shard.path))
+    return count
+
+
+def _evict_oldest(root: Path, limit: int) -> int:
+    """Remove the oldest written entries until at most 90% of ``limit`` remain; the count left.
+
+    Age is the file's mtime: a hit does not refresh it (a write per hit would cost more
+    than the occasional re-run of an old action evicted while still in use).
+    """
+    entries = []
+    for shard in os.scandir(root):
+        if not shard.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(shard.path):
+            try:
+                entries.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+            except FileNotFoundError:  # another node evicting the same dir
+                continue
+    keep = limit - limit // 10
+    if len(entries) <= keep:
+        return len(entries)
+    entries.sort()
+    for _, path in entries[: len(entries) - keep]:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return keep
+
+
 class ActionCache:
     """``get``/``update`` of action results keyed by action digest, checked against ``cas``.
 
     With ``root`` entries are files under ``root`` (atomic, they survive restarts);
-    without it at most ``max_entries`` stay in memory, least recently used out first.
+    without it they stay in memory. Either way at most ``max_entries`` are kept: in
+    memory the least recently used go first; on disk, once the count passes the limit,
+    the oldest written go until a tenth of the room is free again (one scan per tenth).
     """
 
     def __init__(self, cas: CAS, root: Path | None = None, *, max_entries: int = 100_000) -> None:
@@ -231,14 +268,18 @@ class ActionCache:
                 fsync_dir(self.root)
         self.max_entries = max_entries
         self._memory: OrderedDict[Digest, bytes] = OrderedDict()
+        #: Entry files on disk, as far as this process knows (each eviction recounts them:
+        #: another node sharing the data dir may have added some).
+        self._on_disk = _count_entries(self.root) if self.root is not None else 0
+        self._evicting = False
         #: A tier behind this one (set by the storage part when the node has ``--backing``).
         self.backing: Backing | None = None
         self.counters: Counter[str] = Counter()
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "disk" if self.root else "memory", **self.counters}
-        if self.root is None:
-            out["entries"] = len(self._memory)
+        out["entries"] = len(self._memory) if self.root is None else self._on_disk
+        out["max_entries"] = self.max_entries
         return out
 
     def _path(self, key: Digest) -> Path:
@@ -273,9 +314,17 @@ class ActionCache:
                 self._memory.popitem(last=False)
             await trio.lowlevel.checkpoint()
         elif entries:
-            assert self.tmp_dir is not None
+            root, tmp_dir = self.root, self.tmp_dir
+            assert tmp_dir is not None
             files = [(self._path(key), raw) for key, raw in entries]
-            await trio.to_thread.run_sync(atomic_write_many, self.tmp_dir, files, 0o644)
+            await trio.to_thread.run_sync(atomic_write_many, tmp_dir, files, 0o644)
+            self._on_disk += len(files)  # (a replaced entry counts twice until the next recount)
+            if self._on_disk > self.max_entries and not self._evicting:
+                self._evicting = True
+                try:
+                    self._on_disk = await trio.to_thread.run_sync(_evict_oldest, root, self.max_entries)
+                finally:
+                    self._evicting = False
         else:
             await trio.lowlevel.checkpoint()
 
