@@ -9,6 +9,7 @@ one shared fetch per missing blob) are written once.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from abc import ABC, abstractmethod
@@ -40,6 +41,7 @@ __all__ = [
     "hash_file",
     "file_chunks",
     "bytes_chunks",
+    "collect",
     "write_chunks",
 ]
 
@@ -128,6 +130,20 @@ class file_chunks:  # noqa: N801 - used like a function
             self.close()
             raise StopAsyncIteration
         return block
+
+
+async def collect(chunks: AsyncIterator[bytes | memoryview]) -> bytes:
+    """The chunks as one ``bytes``, each copied in as it arrives.
+
+    Copying while the sender is still at work, into a buffer that ``getvalue()`` hands
+    over without a copy, leaves no copy of the whole blob for the end, when there is
+    nothing left to overlap it with (a quarter of a 256 MiB download here, page faults
+    included). The caller bounds the size.
+    """
+    buffer = io.BytesIO()
+    async for chunk in chunks:
+        buffer.write(chunk)
+    return buffer.getvalue()
 
 
 async def write_chunks(reader: AbstractAsyncContextManager[AsyncIterator[bytes]], path: Path) -> None:
@@ -585,7 +601,7 @@ class CAS(ABC):
                 self.counters["hits"] += 1
                 return data
         async with self.open_read(digest) as chunks:
-            return b"".join([bytes(c) async for c in chunks])
+            return await collect(chunks)
 
     @asynccontextmanager
     async def open_read(self, digest: Digest, offset: int = 0) -> AsyncIterator[AsyncIterator[bytes]]:

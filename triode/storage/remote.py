@@ -20,7 +20,7 @@ import trio
 from ..errors import BlobNotFound, FailedPrecondition, TooLarge, TriodeError, from_wire
 from ..nursery import open_service_nursery
 from ..wire.connection import Connection, OutgoingCall
-from .cas import _single, bytes_chunks, digest_of, file_chunks, hash_file, write_chunks
+from .cas import _single, bytes_chunks, collect, digest_of, file_chunks, hash_file, write_chunks
 from .digest import Digest, Hasher
 from .framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding
 from .service import BATCH_BYTES, DECODE_BATCH, ENCODE_LANES, decode, pump
@@ -229,11 +229,8 @@ class RemoteCAS:
                 raise BlobNotFound(f"blob {digest} is not stored on node {self.connection.peer.node}",
                                    digest=str(digest))
             return data
-        parts = []  # bounded by the digest's size; joined once (one copy, not three)
         async with self.open_read(digest, encoding=encoding) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk)
-        return b"".join(parts)
+            return await collect(chunks)  # bounded: the download fails past the digest's size
 
     @asynccontextmanager
     async def open_read(
