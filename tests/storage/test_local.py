@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from triode.errors import BlobNotFound, DigestMismatch, FailedPrecondition, InvalidDigest, TooLarge
 from triode.storage.cas import CAS, READ_CHUNK, bytes_chunks
 from triode.storage.digest import EMPTY, Digest
-from triode.storage.disk import DiskCAS, sweep_temp
+from triode.storage.disk import DiskCAS, atomic_write_many, sweep_temp
 from triode.storage.memory import MemoryCAS
 from triode.testing import no_leaks
 
@@ -318,3 +318,20 @@ async def test_drop_damaged_removes_the_file_and_its_record(tmp_path) -> None:
     assert store.drop_damaged(digest, path.stat().st_ino)
     assert not path.exists() and store.path_of(digest) is None and store.size == size - 100
     assert await store.find_missing([digest]) == [digest]
+
+
+def test_atomic_write_many_keeps_what_it_placed_before_a_failure(tmp_path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp_path / "not-a-dir").write_bytes(b"")
+    files = [
+        (tmp_path / "a" / "one", b"1"), (tmp_path / "not-a-dir" / "two", b"2"), (tmp_path / "three", b"3"),
+    ]
+    with pytest.raises(OSError):
+        atomic_write_many(tmp, files)
+    assert (tmp_path / "a" / "one").read_bytes() == b"1"  # placed (and its dir fsynced) before the failure
+    assert not (tmp_path / "three").exists()
+    assert list(tmp.iterdir()) == []  # no temp file left behind
+    atomic_write_many(tmp, [(tmp_path / "three", b"3"), (tmp_path / "a" / "four", b"4")], 0o644)
+    assert (tmp_path / "three").read_bytes() == b"3" and (tmp_path / "a" / "four").read_bytes() == b"4"
+    assert stat.S_IMODE((tmp_path / "three").stat().st_mode) == 0o644

@@ -123,28 +123,31 @@ def atomic_write(tmp_dir: Path, final: Path, data: bytes, *, mode: int = 0o444) 
 
 
 def atomic_write_many(tmp_dir: Path, files: Sequence[tuple[Path, bytes]], mode: int = 0o444) -> None:
-    """:func:`atomic_write` for several files, each directory fsynced once after all renames."""
+    """:func:`atomic_write` for several files, each directory fsynced once after the renames
+    (also when a later file fails: the ones already in place are made durable all the same)."""
     parents: dict[Path, None] = {}
-    for final, data in files:
-        tmp = tmp_dir / f"{os.getpid()}.{final.name[:16]}.{os.urandom(6).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
+    try:
+        for final, data in files:
+            tmp = tmp_dir / f"{os.getpid()}.{final.name[:16]}.{os.urandom(6).hex()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            _ensure_dir(final.parent)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        parents[final.parent] = None
-    for parent in parents:
-        fsync_dir(parent)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+                _ensure_dir(final.parent)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            parents[final.parent] = None
+    finally:
+        for parent in parents:
+            fsync_dir(parent)
 
 
 class DiskCAS(CAS):
