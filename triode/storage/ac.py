@@ -351,14 +351,9 @@ class ActionCache:
 
     async def update(self, action_digest: Digest, result: dict[str, Any]) -> None:
         """Store ``result`` (validated; every blob it references must already be in the CAS)."""
-        result = validate_action_result(result)
-        missing = await self.cas.find_missing(referenced_blobs(result))
-        if missing:
-            raise _blobs_missing(missing)
-        await self._store(action_digest, result)
-        self.counters["updates"] += 1
-        if self.backing is not None:
-            await self.backing.ac_update(action_digest, result)
+        (error,) = await self.update_many([(action_digest, result)])
+        if error is not None:
+            raise error
 
     async def update_many(
         self, entries: Sequence[tuple[Digest, dict[str, Any]]]
@@ -371,18 +366,18 @@ class ActionCache:
         stored all the same); a failing disk raises for the whole batch.
         """
         errors: list[TriodeError | None] = [None] * len(entries)
-        checked: list[tuple[int, Digest, dict[str, Any], bytes]] = []
+        checked: list[tuple[int, Digest, dict[str, Any], bytes, list[Digest]]] = []
         for i, (key, result) in enumerate(entries):
             try:
                 result = validate_action_result(result)
-                checked.append((i, key, result, _pack(result)))
+                checked.append((i, key, result, _pack(result), referenced_blobs(result)))
             except InvalidArgument as exc:
                 errors[i] = exc
-        needed = list({blob for *_, result, _ in checked for blob in referenced_blobs(result)})
+        needed = list({blob for *_, blobs in checked for blob in blobs})
         gone = set(await self.cas.find_missing(needed)) if needed else set()
         ready = []
-        for i, key, result, raw in checked:
-            missing = [blob for blob in referenced_blobs(result) if blob in gone]
+        for i, key, result, raw, blobs in checked:
+            missing = [blob for blob in blobs if blob in gone]
             if missing:
                 errors[i] = _blobs_missing(missing)
             else:
