@@ -24,6 +24,10 @@ class Rig:
     executor: Executor
     data: Path
 
+    def close(self) -> None:
+        self.workdirs.close()
+        self.ac.close()
+
 
 def make_rig(
     data: Path, *, grace: float = 0.5, output_cap: int = 1024 * 1024, link_inputs: str = "always"
@@ -44,7 +48,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
             yield r
         assert r.workdirs.count() == 0, "a work dir was left behind"
     finally:
-        r.workdirs.close()
+        r.close()
 
 
 async def eventually(done: Callable[[], bool], within: float) -> bool:

@@ -65,4 +65,4 @@ async def test_thousand_random_cancellations_leak_nothing(tmp_path: Path) -> Non
         assert rig.executor.counters["running"] == 0
         assert rig.executor.counters["cancelled"] == outcomes["cancelled"]
     finally:
-        rig.workdirs.close()
+        rig.close()

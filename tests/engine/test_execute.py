@@ -160,7 +160,7 @@ async def test_copied_inputs_keep_the_store_intact(tmp_path: Path) -> None:
         assert await rig.cas.get(blob) == b"precious\n"
         assert rig.executor.counters["cache_writes"] == 1
     finally:
-        rig.workdirs.close()
+        rig.close()
 
 
 async def test_by_default_even_root_cannot_write_to_a_linked_input(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ async def test_by_default_even_root_cannot_write_to_a_linked_input(tmp_path: Pat
         assert outcome.result["exit_code"] != 0  # EACCES, for root too
         assert await rig.cas.get(blob) == b"precious\n"
     finally:
-        rig.workdirs.close()
+        rig.close()
 
 
 async def test_non_utf8_output_and_cwd(rig: Rig) -> None:

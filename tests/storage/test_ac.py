@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
-import trio
 
 import triode
 from triode.errors import FailedPrecondition, InvalidArgument
@@ -13,6 +17,16 @@ from triode.storage.disk import DiskCAS
 from triode.storage.memory import MemoryCAS
 
 ACTION = Digest.of(b"an action")
+
+
+@contextmanager
+def opened(cas: DiskCAS, root: Path, **options: int) -> Iterator[ActionCache]:
+    """Another action cache on the same directory, as another process would have."""
+    ac = ActionCache(cas, root, **options)
+    try:
+        yield ac
+    finally:
+        ac.close()
 
 
 def _result(stdout: Digest, out: Digest) -> dict:
@@ -64,12 +78,14 @@ async def test_hit_only_while_blobs_exist(tmp_path, where: str) -> None:
     await ac.update(ACTION, _result(stdout, out))
     assert await ac.get(ACTION) == _result(stdout, out)
     if where == "disk":
-        assert await ActionCache(cas, tmp_path / "ac").get(ACTION) == _result(stdout, out)  # survives
+        with opened(cas, tmp_path / "ac") as again:
+            assert await again.get(ACTION) == _result(stdout, out)  # survives
         await cas.evict(0)  # evict everything
         assert cas.path_of(out) is None
     else:
         cas._evict(0)
     assert await ac.get(ACTION) is None
+    ac.close()
 
 
 async def test_over_the_wire(client: triode.Client) -> None:
@@ -102,24 +118,123 @@ async def test_update_many_stores_the_good_entries_and_names_each_bad_one(tmp_pa
     assert await ac.get(keys[3]) == _result(out, stdout)
     assert await ac.get(keys[1]) is None and await ac.get(keys[2]) is None
     assert ac.counters["updates"] == 2
-    if where == "disk":  # all written through one temp dir, none left in it
-        assert await ActionCache(cas, tmp_path / "ac").get(keys[3]) == _result(out, stdout)
-        assert list((tmp_path / "tmp").iterdir()) == []
+    if where == "disk":
+        with opened(cas, tmp_path / "ac") as again:
+            assert await again.get(keys[3]) == _result(out, stdout)
     assert await ac.update_many([]) == []
+    ac.close()
 
 
 async def test_on_disk_the_oldest_entries_go_past_the_limit(tmp_path) -> None:
     cas = DiskCAS(tmp_path)
-    ac = ActionCache(cas, tmp_path / "ac", max_entries=20)
     stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
     groups = [[Digest.of(b"action %d %d" % (g, i)) for i in range(10)] for g in range(5)]
-    for group in groups:
-        assert await ac.update_many([(key, _result(stdout, out)) for key in group]) == [None] * 10
-        await trio.sleep(0.05)  # file times are coarse: keep the groups apart
-    entries = sum(len(list(shard.iterdir())) for shard in (tmp_path / "ac").iterdir())
-    assert entries <= 20 and ac.info()["entries"] == entries
-    assert all([await ac.get(key) is not None for key in groups[-1]])  # the newest stay
-    assert all([await ac.get(key) is None for key in groups[0] + groups[1]])  # the oldest went
-    # A cache opened later counts what is there, and keeps to the same limit.
-    again = ActionCache(cas, tmp_path / "ac", max_entries=20)
-    assert again.info()["entries"] == entries
+    with opened(cas, tmp_path / "ac", max_entries=20) as ac:
+        for group in groups:
+            assert await ac.update_many([(key, _result(stdout, out)) for key in group]) == [None] * 10
+        assert ac.counters["compactions"] >= 1 and ac.info()["entries"] <= 20
+        assert all([await ac.get(key) is not None for key in groups[-1]])  # the newest stay
+        assert all([await ac.get(key) is None for key in groups[0] + groups[1]])  # the oldest went
+        entries = ac.info()["entries"]
+    # A cache opened later finds the same entries, and keeps to the same limit.
+    with opened(cas, tmp_path / "ac", max_entries=20) as again:
+        assert again.info()["entries"] == entries
+        assert all([await again.get(key) is not None for key in groups[-1]])
+
+
+async def test_the_log_is_bounded_in_bytes_too(tmp_path) -> None:
+    cas = DiskCAS(tmp_path)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    with opened(cas, tmp_path / "ac", max_bytes=20_000) as ac:
+        for i in range(100):
+            await ac.update(Digest.of(b"action %d" % i), _result(stdout, out))
+        assert ac.info()["log_bytes"] <= 20_000
+        assert await ac.get(Digest.of(b"action 99")) is not None
+        assert await ac.get(Digest.of(b"action 0")) is None
+
+
+async def test_a_replaced_entry_and_a_removed_one_stay_so_after_reopening(tmp_path) -> None:
+    cas = DiskCAS(tmp_path)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    gone = Digest.of(b"removed")
+    with opened(cas, tmp_path / "ac") as ac:
+        await ac.update(ACTION, _result(stdout, out))
+        await ac.update(ACTION, _result(out, stdout))
+        await ac.update(gone, _result(stdout, out))
+        await ac.remove(gone)
+        assert await ac.get(gone) is None
+        assert ac.info()["entries"] == 1
+    with opened(cas, tmp_path / "ac") as again:
+        assert await again.get(ACTION) == _result(out, stdout)
+        assert await again.get(gone) is None
+        assert again.info()["entries"] == 1
+
+
+async def test_damaged_and_torn_records_are_misses_and_the_rest_is_kept(tmp_path) -> None:
+    cas = DiskCAS(tmp_path)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    keys = [Digest.of(b"action %d" % i) for i in range(3)]
+    # The middle one holds the records' magic: the scan must not take it for a record.
+    middle = {**_result(stdout, out), "missing_outputs": ["TAC1" * 20]}
+    with opened(cas, tmp_path / "ac") as ac:
+        for key in keys:
+            await ac.update(key, middle if key == keys[1] else _result(stdout, out))
+    log = tmp_path / "ac" / "log"
+    data = bytearray(log.read_bytes())
+    data[data.rindex(b"TAC1" * 20) + 80] ^= 0xFF  # a flipped bit in the middle record's value
+    log.write_bytes(bytes(data) + data[:70])  # and a torn write at the end, as a crash leaves
+    with opened(cas, tmp_path / "ac") as ac:
+        assert await ac.get(keys[0]) == _result(stdout, out)
+        assert await ac.get(keys[1]) is None
+        assert await ac.get(keys[2]) == _result(stdout, out)
+        # Written after the damage, readable now and after reopening.
+        await ac.update(keys[1], _result(out, stdout))
+        assert await ac.get(keys[1]) == _result(out, stdout)
+    with opened(cas, tmp_path / "ac") as again:
+        assert await again.get(keys[1]) == _result(out, stdout)
+        assert again.info()["entries"] == 3
+        # Damage found when reading (after the log was indexed) is a miss too.
+        fd = os.open(log, os.O_WRONLY)
+        os.pwrite(fd, b"NODE-1", data.index(b"node-1"))
+        os.close(fd)
+        assert await again.get(keys[0]) is None
+        assert await again.get(keys[2]) == _result(stdout, out)
+
+
+async def test_two_processes_share_one_log(tmp_path) -> None:
+    """What one writes the other reads, also across the other's compaction."""
+    cas = DiskCAS(tmp_path)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    with opened(cas, tmp_path / "ac", max_entries=20) as a, opened(cas, tmp_path / "ac", max_entries=20) as b:
+        await a.update(ACTION, _result(stdout, out))
+        assert await b.get(ACTION) == _result(stdout, out)
+        await b.update(ACTION, _result(out, stdout))
+        key = Digest.of(b"new in b")
+        await b.update(key, _result(stdout, out))
+        assert await a.get(key) == _result(stdout, out)  # a miss in a looks at b's appends
+        assert await a.get(ACTION) == _result(out, stdout)
+        for i in range(30):  # b compacts, a still has the old file open
+            await b.update(Digest.of(b"filler %d" % i), _result(stdout, out))
+        assert b.counters["compactions"] >= 1
+        newest = Digest.of(b"filler 29")
+        assert await a.get(newest) == _result(stdout, out)
+        await a.update(Digest.of(b"after"), _result(stdout, out))  # appended to the new file
+        assert await b.get(Digest.of(b"after")) == _result(stdout, out)
+        for i in range(30):  # b compacts again, and a writes before it reads
+            await b.update(Digest.of(b"more filler %d" % i), _result(stdout, out))
+        await a.update(Digest.of(b"after again"), _result(stdout, out))
+        assert await b.get(Digest.of(b"after again")) == _result(stdout, out)
+        assert await a.get(Digest.of(b"more filler 29")) == _result(stdout, out)
+
+
+async def test_entries_of_the_file_per_entry_layout_move_into_the_log(tmp_path) -> None:
+    import msgpack
+
+    cas = DiskCAS(tmp_path)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    shard = tmp_path / "ac" / ACTION.hash[:2]
+    shard.mkdir(parents=True)
+    (shard / f"{ACTION.hash}_{ACTION.size}").write_bytes(msgpack.packb(_result(stdout, out)))
+    with opened(cas, tmp_path / "ac") as ac:
+        assert await ac.get(ACTION) == _result(stdout, out)
+    assert sorted(os.listdir(tmp_path / "ac")) == ["lock", "log"]

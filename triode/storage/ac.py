@@ -1,14 +1,13 @@
 """The action cache: action digest to action result, a hit only while its blobs exist.
 
 Entries are msgpack maps of the shape :func:`validate_action_result` checks (see
-docs/protocol.md). On disk each is a file ``ac/ab/HASH_SIZE`` written atomically
-beside the CAS; without a data dir they live in a bounded dict.
+docs/protocol.md). On disk they are records of one append-only log beside the CAS
+(:mod:`.aclog`, which says why); without a data dir they live in a bounded dict.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +17,9 @@ import msgpack
 import trio
 
 from ..errors import FailedPrecondition, InvalidArgument, TriodeError
+from .aclog import EntryLog, Replaced, entry_key
 from .cas import CAS, INLINE_LIMIT
 from .digest import Digest
-from .disk import atomic_write_many, fsync_dir
 
 if TYPE_CHECKING:
     from .tier import Backing
@@ -29,6 +28,8 @@ __all__ = ["ActionCache", "validate_action_result", "referenced_blobs", "MAX_ENT
 
 #: The largest action result stored, encoded.
 MAX_ENTRY_SIZE = 4 * 1024 * 1024
+#: Bytes of log on disk past which the oldest entries go (as past ``max_entries``).
+DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
 _MAX_PATH = 4096
 
 
@@ -182,118 +183,52 @@ def _blobs_missing(missing: list[Digest]) -> FailedPrecondition:
     )
 
 
-async def _read_entry(path: str) -> bytes | None:
-    """An entry file's bytes, or None when there is none (or it is over MAX_ENTRY_SIZE).
-
-    A usual entry (a few hundred bytes) is read on the event loop: a thread hop costs
-    more CPU than the open and read (several times more on a virtual machine).
-    """
-    await trio.lowlevel.checkpoint()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        if size > MAX_ENTRY_SIZE:
-            return None
-        if size <= INLINE_LIMIT:
-            return os.read(fd, size)
-        return await trio.to_thread.run_sync(os.pread, fd, size, 0)
-    finally:
-        os.close(fd)
-
-
-def _count_entries(root: Path) -> int:
-    count = 0
-    for shard in os.scandir(root):
-        if shard.is_dir(follow_symlinks=False):
-            count += len(os.listdir(shard.path))
-    return count
-
-
-def _evict_oldest(root: Path, limit: int) -> int:
-    """Remove the oldest written entries until at most 90% of ``limit`` remain; the count left.
-
-    Age is the file's mtime: a hit does not refresh it (a write per hit would cost more
-    than the occasional re-run of an old action evicted while still in use).
-    """
-    entries = []
-    for shard in os.scandir(root):
-        if not shard.is_dir(follow_symlinks=False):
-            continue
-        for entry in os.scandir(shard.path):
-            try:
-                entries.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
-            except FileNotFoundError:  # another node evicting the same dir
-                continue
-    keep = limit - limit // 10
-    if len(entries) <= keep:
-        return len(entries)
-    entries.sort()
-    for _, path in entries[: len(entries) - keep]:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    return keep
-
-
 class ActionCache:
     """``get``/``update`` of action results keyed by action digest, checked against ``cas``.
 
-    With ``root`` entries are files under ``root`` (atomic, they survive restarts);
-    without it they stay in memory. Either way at most ``max_entries`` are kept: in
-    memory the least recently used go first; on disk, once the count passes the limit,
-    the oldest written go until a tenth of the room is free again (one scan per tenth).
+    With ``root`` entries are records of a log under ``root`` (durable once ``update``
+    returns, shared with other processes on the same directory); without it they stay
+    in memory. Either way at most ``max_entries`` are kept: in memory the least recently
+    used go first; on disk, once the log passes ``max_entries`` records or ``max_bytes``,
+    the oldest written go until a tenth of the room is free again (one compaction).
     """
 
-    def __init__(self, cas: CAS, root: Path | None = None, *, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, cas: CAS, root: Path | None = None, *, max_entries: int = 100_000,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self.cas = cas
         self.root = Path(root) if root is not None else None
-        self.tmp_dir = self.root.parent / "tmp" if self.root is not None else None
-        if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            assert self.tmp_dir is not None
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            # One level of 256 shards, made once here: with two levels nearly every new
-            # entry made (and fsynced) a directory of its own, which cost more than the entry.
-            made = False
-            for shard in range(256):
-                path = self.root / f"{shard:02x}"
-                if not path.is_dir():
-                    path.mkdir()
-                    made = True
-            if made:  # the shards must survive a crash with the entries written into them
-                fsync_dir(self.root)
         self.max_entries = max_entries
         self._memory: OrderedDict[Digest, bytes] = OrderedDict()
-        #: Entry files on disk, as far as this process knows (each eviction recounts them:
-        #: another node sharing the data dir may have added some).
-        self._on_disk = _count_entries(self.root) if self.root is not None else 0
-        self._evicting = False
+        self._log = EntryLog(self.root, max_entries=max_entries, max_bytes=max_bytes) if self.root else None
+        self._writing = trio.Lock()  # one append or compaction at a time
         #: A tier behind this one (set by the storage part when the node has ``--backing``).
         self.backing: Backing | None = None
         self.counters: Counter[str] = Counter()
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "disk" if self.root else "memory", **self.counters}
-        out["entries"] = len(self._memory) if self.root is None else self._on_disk
+        out["entries"] = len(self._memory) if self._log is None else self._log.current.live
         out["max_entries"] = self.max_entries
+        if self._log is not None:
+            out["log_bytes"] = self._log.current.scanned
         return out
 
-    def _path(self, key: Digest) -> Path:
-        assert self.root is not None
-        return self.root / key.hash[:2] / f"{key.hash}_{key.size}"
+    def close(self) -> None:
+        """Close the log's files (a cache on disk holds a few open)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     async def _load(self, key: Digest) -> dict[str, Any] | None:
-        if self.root is None:
+        if self._log is None:
             raw = self._memory.get(key)
             if raw is not None:
                 self._memory.move_to_end(key)
             await trio.lowlevel.checkpoint()
         else:
-            raw = await _read_entry(f"{self.root}/{key.hash[:2]}/{key.hash}_{key.size}")
+            raw = await self._read(key)
         if raw is None:
             return None
         try:
@@ -301,32 +236,71 @@ class ActionCache:
         except (ValueError, InvalidArgument, msgpack.ExtraData, msgpack.FormatError):
             return None  # a damaged entry is a miss, and the next update replaces it
 
+    async def _read(self, key: Digest) -> bytes | None:
+        """An entry's bytes from the log. A usual one (a few hundred bytes) is read on the
+        event loop: a thread hop costs more CPU than the ``pread``."""
+        log = self._log
+        assert log is not None
+        k = entry_key(key)
+        await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                loc = log.locate(k)
+                break
+            except Replaced:
+                await self._reload()
+        if loc is None or loc & 0xFFFFFFFF <= INLINE_LIMIT:
+            return None if loc is None else log.read(log.current, k, loc)
+        loaded = log.pin()
+        try:
+            return await trio.to_thread.run_sync(log.read, loaded, k, loc)
+        finally:
+            log.unpin(loaded)
+
+    async def _reload(self) -> None:
+        """Another process compacted the log: load the new one (once, for every waiter)."""
+        log = self._log
+        assert log is not None
+        stale = log.current
+        async with self._writing:
+            if log.current is stale:
+                log.swap(await trio.to_thread.run_sync(log.reload))
+
     async def _store(self, key: Digest, result: dict[str, Any]) -> None:
         await self._write([(key, _pack(result))])
 
     async def _write(self, entries: Sequence[tuple[Digest, bytes]]) -> None:
-        """Store encoded entries; on disk, all of them in one thread hop."""
-        if self.root is None:
+        """Store encoded entries (an empty one removes); on disk, all in one thread hop."""
+        if self._log is None:
             for key, raw in entries:
-                self._memory[key] = raw
-                self._memory.move_to_end(key)
+                if raw:
+                    self._memory[key] = raw
+                    self._memory.move_to_end(key)
+                else:
+                    self._memory.pop(key, None)
             while len(self._memory) > self.max_entries:
                 self._memory.popitem(last=False)
             await trio.lowlevel.checkpoint()
-        elif entries:
-            root, tmp_dir = self.root, self.tmp_dir
-            assert tmp_dir is not None
-            files = [(self._path(key), raw) for key, raw in entries]
-            await trio.to_thread.run_sync(atomic_write_many, tmp_dir, files, 0o644)
-            self._on_disk += len(files)  # (a replaced entry counts twice until the next recount)
-            if self._on_disk > self.max_entries and not self._evicting:
-                self._evicting = True
-                try:
-                    self._on_disk = await trio.to_thread.run_sync(_evict_oldest, root, self.max_entries)
-                finally:
-                    self._evicting = False
-        else:
+            return
+        if not entries:
             await trio.lowlevel.checkpoint()
+            return
+        log = self._log
+        records = [(entry_key(key), raw) for key, raw in entries]
+        async with self._writing:
+            while True:
+                loaded = log.pin()
+                try:
+                    written = await trio.to_thread.run_sync(log.append, loaded, records)
+                    break
+                except Replaced:
+                    log.swap(await trio.to_thread.run_sync(log.reload))
+                finally:
+                    log.unpin(loaded)
+            log.applied(loaded, *written)
+            if log.over_limits():
+                log.swap(await trio.to_thread.run_sync(log.compact))
+                self.counters["compactions"] += 1
 
     async def get(self, action_digest: Digest) -> dict[str, Any] | None:
         """The result stored for ``action_digest``, or None (also when one of its blobs is gone)."""
@@ -393,9 +367,4 @@ class ActionCache:
         return errors
 
     async def remove(self, action_digest: Digest) -> None:
-        if self.root is None:
-            self._memory.pop(action_digest, None)
-        else:
-            await trio.to_thread.run_sync(lambda: self._path(action_digest).unlink(missing_ok=True))
-        await trio.lowlevel.checkpoint()
-
+        await self._write([(action_digest, b"")])

@@ -108,5 +108,6 @@ async def open_storage(node: Node) -> AsyncIterator[StoragePart]:
             yield part
             nursery.cancel_scope.cancel()
     finally:
+        ac.close()
         with trio.CancelScope(shield=True):
             await cas.aclose()
