@@ -20,7 +20,7 @@ import trio
 
 from ..errors import InvalidArgument, OutputTooLarge, TriodeError
 from ..storage.ac import referenced_blobs
-from ..storage.digest import Digest
+from ..storage.digest import EMPTY, Digest
 from .action import Action
 from .outputs import scan_outputs
 from .runner import DEFAULT_GRACE, DEFAULT_OUTPUT_CAP, Capture, run_process
@@ -37,6 +37,8 @@ WRITE_BEHIND = 64
 BATCH_WINDOW = 0.005
 #: The largest result an execution may return (it must fit a frame and an action cache entry).
 MAX_RESULT_BYTES = 4 * 1024 * 1024
+#: Results with at most this many outputs are under MAX_RESULT_BYTES whatever their paths.
+FEW_OUTPUTS = 256
 #: Small action results kept in memory for repeat lookups, and what "small" means.
 RECENT_RESULTS = 4096
 RECENT_MAX_OUTPUTS = 64
@@ -226,7 +228,9 @@ class Executor:
             "node": self.node_id,
             "executed_at": time.time(),
         }
-        size = len(msgpack.packb(result, use_bin_type=True))
+        # Each output takes at most two paths of 4 KiB (a path and a symlink's target): a
+        # result with few outputs cannot pass the limit, and need not be encoded to know it.
+        size = len(msgpack.packb(result, use_bin_type=True)) if found.count() > FEW_OUTPUTS else 0
         if size > MAX_RESULT_BYTES:
             raise OutputTooLarge(
                 f"the action's result is {size} bytes encoded (over {MAX_RESULT_BYTES}): it lists "
@@ -308,6 +312,9 @@ class Executor:
             self._writes.close()
 
     async def _store_capture(self, capture: Capture) -> dict[str, Any]:
+        if not capture.total:  # the usual stderr, and stdout too for many commands
+            await trio.lowlevel.checkpoint()
+            return {"digest": EMPTY.to_wire(), "truncated": False}
         if capture.spilled:
             assert capture.spill_path is not None
             blob = await self.cas.put_file(capture.spill_path)

@@ -193,10 +193,8 @@ async def run_process(
                     ended["cap"] = True
                     waiting.cancel()
 
-            # Noted now: by the time they are needed, stdin may be closed (fileno() is -1).
-            pipe_inodes = {
-                os.fstat(p.fileno()).st_ino for p in (proc.stdin, proc.stdout, proc.stderr) if p is not None
-            }
+            # Noted now: by the time it is needed, stdin may be closed (fileno() is -1).
+            stdin_inode = os.fstat(proc.stdin.fileno()).st_ino if proc.stdin is not None else None
             eof = [trio.Event(), trio.Event()]
             async with trio.open_nursery() as readers:
                 assert proc.stdout is not None and proc.stderr is not None
@@ -220,9 +218,13 @@ async def run_process(
                 # now (not at the end of the block) so the readers can reach EOF.
                 with trio.CancelScope(shield=True):
                     await stop_group(proc, grace)
-                readers.cancel_scope.deadline = trio.current_time() + drain
-                with trio.CancelScope(shield=True):
-                    await _await_drain(eof, drain, pipe_inodes)
+                if not (eof[0].is_set() and eof[1].is_set()):  # (the usual case: both are)
+                    readers.cancel_scope.deadline = trio.current_time() + drain
+                    inodes = {os.fstat(p.fileno()).st_ino for p in (proc.stdout, proc.stderr)}
+                    if stdin_inode is not None:
+                        inodes.add(stdin_inode)
+                    with trio.CancelScope(shield=True):
+                        await _await_drain(eof, drain, inodes)
     finally:
         out.close()
         err.close()
