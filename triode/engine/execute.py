@@ -294,7 +294,7 @@ class Executor:
 
     async def _write_batch(self, batch: list[tuple[Digest, dict[str, Any]]]) -> None:
         try:
-            errors: list[Any] = await self.ac.update_many(batch)
+            errors: list[Any] = await self.ac.update_many(batch, built_here=True)
         except (TriodeError, OSError) as exc:
             errors = [exc] * len(batch)
         for (digest, result), error in zip(batch, errors, strict=True):

@@ -163,9 +163,9 @@ def validate_action_result(value: Any) -> dict[str, Any]:
 
 def referenced_blobs(result: dict[str, Any]) -> list[Digest]:
     """The blobs a (validated) result needs: stdout, stderr and every output file."""
-    found = [Digest.from_wire(result["stdout"]["digest"]), Digest.from_wire(result["stderr"]["digest"])]
-    found += [Digest.from_wire(f["digest"]) for f in result["output_files"]]
-    return list(dict.fromkeys(found))
+    wire = [result["stdout"]["digest"], result["stderr"]["digest"]]
+    wire += [f["digest"] for f in result["output_files"]]
+    return list(dict.fromkeys(Digest.from_wire_list(wire)))
 
 
 def _pack(result: dict[str, Any]) -> bytes:
@@ -330,20 +330,23 @@ class ActionCache:
             raise error
 
     async def update_many(
-        self, entries: Sequence[tuple[Digest, dict[str, Any]]]
+        self, entries: Sequence[tuple[Digest, dict[str, Any]]], *, built_here: bool = False
     ) -> list[TriodeError | None]:
         """:meth:`update` for many entries at once: one lookup of their blobs, one thread hop.
 
         A node's engine writes its results this way, in batches behind their answers: on
         a virtual machine the thread hop costs more than the write it carries. Returns,
         per entry, None when it was stored or the error that kept it out (the others are
-        stored all the same); a failing disk raises for the whole batch.
+        stored all the same); a failing disk raises for the whole batch. ``built_here``
+        says the results were made by this process's executor, in the validated shape, so
+        the shape is not checked again (their blobs still are).
         """
         errors: list[TriodeError | None] = [None] * len(entries)
         checked: list[tuple[int, Digest, dict[str, Any], bytes, list[Digest]]] = []
         for i, (key, result) in enumerate(entries):
             try:
-                result = validate_action_result(result)
+                if not built_here:
+                    result = validate_action_result(result)
                 checked.append((i, key, result, _pack(result), referenced_blobs(result)))
             except InvalidArgument as exc:
                 errors[i] = exc
