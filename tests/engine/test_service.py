@@ -75,11 +75,11 @@ async def test_cache_writes_behind_the_answer_go_in_batches(tmp_path: Path) -> N
         release = trio.Event()
         update_many = ac.update_many
 
-        async def held_first(entries):  # type: ignore[no-untyped-def]
+        async def held_first(entries, **options):  # type: ignore[no-untyped-def]
             batches.append(len(entries))
             if len(batches) == 1:
                 await release.wait()  # the writer is busy: the others queue behind it
-            return await update_many(entries)
+            return await update_many(entries, **options)
 
         ac.update_many = held_first
         async with trio.open_nursery() as nursery:
