@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 import uuid
 from pathlib import Path
 
+import pytest
 import trio
 
-from triode.engine.workdir import READY, WorkDirs, scratch_of
+from triode.engine.workdir import READY, STAMP_SLACK_NS, WorkDirs, scratch_of
 
 from .conftest import eventually
 
@@ -63,34 +65,66 @@ async def test_executions_get_fresh_empty_dirs_and_the_pool_stays_bounded(tmp_pa
     assert len(seen) == 10 * READY
 
 
-def test_only_a_dir_left_as_it_was_is_taken_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stamped", [False, True], ids=["full-check", "stamp"])
+def test_only_a_dir_left_as_it_was_is_taken_back(tmp_path: Path, stamped: bool) -> None:
     dirs = WorkDirs(tmp_path, "node")
     dirs.open()
-
-    def made() -> Path:
-        path = dirs.root / uuid.uuid4().hex
-        path.mkdir()
-        return path
-
+    changes = ("file", "mode", "scratch", "subdir", "xattr")
     try:
-        untouched = made()
-        assert dirs._reuse(untouched)
+        made = WorkDirs._make([dirs.root / uuid.uuid4().hex for _ in range(1 + len(changes))])
+        time.sleep(2 * STAMP_SLACK_NS / 1e9)  # handed out well after they were made, as most are
+        handed_out = time.time_ns()
+        (untouched, stamp), *rest = made
+        assert dirs._reuse(untouched, stamp if stamped else None, handed_out)
         assert dirs._ready[-1] == untouched and untouched.is_dir()
-        for change in ("file", "mode", "scratch", "subdir"):
-            root = made()
+        for change, (root, stamp) in zip(changes, rest, strict=True):
             if change == "file":
                 (root / "out").write_text("x")
             elif change == "mode":
                 root.chmod(stat.S_IMODE(root.stat().st_mode) ^ 0o020)
             elif change == "scratch":
                 scratch_of(root).mkdir()
-            else:
+            elif change == "subdir":
                 (root / "sub").mkdir()
-            assert not dirs._reuse(root), change
+            else:
+                try:
+                    os.setxattr(root, "user.triode-test", b"x")
+                except OSError:
+                    continue  # no user xattrs on this file system
+            assert not dirs._reuse(root, stamp if stamped else None, handed_out), change
             assert root.exists(), change  # left where it is, for the remover
     finally:
         dirs.close()
     assert not (tmp_path / "node").exists()
+
+
+def test_an_unchanged_stamp_spares_the_listing_only_when_it_is_old_enough(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dirs = WorkDirs(tmp_path, "node")
+    dirs.open()
+    try:
+        ((path, stamp),) = WorkDirs._make([dirs.root / uuid.uuid4().hex])
+        listed = []
+        real_scandir = os.scandir
+        monkeypatch.setattr(os, "scandir", lambda p: listed.append(p) or real_scandir(p))
+        # Changed within the file system's clock tick of its hand-out: the stamp proves nothing.
+        assert dirs._reuse(path, stamp, stamp[4] + STAMP_SLACK_NS // 2)
+        assert listed == [path]
+        dirs._ready.remove(path)
+        # Changed long before: the lstat is enough, and the new stamp is kept for next time.
+        assert dirs._reuse(path, stamp, stamp[4] + 2 * STAMP_SLACK_NS)
+        assert listed == [path]
+        assert dirs._stamps[path] == stamp
+        # Emptied again after a file came and went: the stamp moved, so it is listed again.
+        dirs._ready.remove(path)
+        time.sleep(2 * STAMP_SLACK_NS / 1e9)  # past the clock tick of the last change
+        (path / "tmp").write_text("x")
+        (path / "tmp").unlink()
+        assert dirs._reuse(path, stamp, stamp[4] + 2 * STAMP_SLACK_NS)
+        assert listed == [path, path]
+    finally:
+        dirs.close()
 
 
 async def test_an_execution_that_wrote_nothing_gives_its_dir_back(tmp_path: Path) -> None:

@@ -33,8 +33,10 @@ log = logging.getLogger("triode.engine")
 
 #: Results queued for the action cache behind their answers (and the most written at once).
 WRITE_BEHIND = 64
-#: Seconds the first result of a batch waits for others to join it (see write_behind).
-BATCH_WINDOW = 0.005
+#: Seconds the first result of a batch waits for others to join it (see write_behind). The
+#: results are served from memory meanwhile, so only the batch size depends on it: at 5 ms
+#: a stream of short actions wrote about 4 per hop, at 20 ms 15, and cost 7% less CPU each.
+BATCH_WINDOW = 0.02
 #: The largest result an execution may return (it must fit a frame and an action cache entry).
 MAX_RESULT_BYTES = 4 * 1024 * 1024
 #: Results with at most this many outputs are under MAX_RESULT_BYTES whatever their paths.

@@ -218,13 +218,10 @@ async def run_process(
                 # now (not at the end of the block) so the readers can reach EOF.
                 with trio.CancelScope(shield=True):
                     await stop_group(proc, grace)
-                if not (eof[0].is_set() and eof[1].is_set()):  # (the usual case: both are)
+                if not (eof[0].is_set() and eof[1].is_set()):  # (the readers are just behind)
                     readers.cancel_scope.deadline = trio.current_time() + drain
-                    inodes = {os.fstat(p.fileno()).st_ino for p in (proc.stdout, proc.stderr)}
-                    if stdin_inode is not None:
-                        inodes.add(stdin_inode)
                     with trio.CancelScope(shield=True):
-                        await _await_drain(eof, drain, inodes)
+                        await _await_drain(eof, drain, proc, stdin_inode)
     finally:
         out.close()
         err.close()
@@ -279,7 +276,9 @@ async def _watch(stop: trio.Event, waiting: trio.CancelScope, ended: dict[str, b
     waiting.cancel()
 
 
-async def _await_drain(eof: list[trio.Event], drain: float, inodes: set[int]) -> None:
+async def _await_drain(
+    eof: list[trio.Event], drain: float, proc: trio.Process, stdin_inode: int | None
+) -> None:
     """Give the readers ``drain`` seconds to reach EOF; then kill whoever holds our pipes.
 
     The group is gone by now, so a writer still holding a pipe escaped it (setsid,
@@ -289,6 +288,10 @@ async def _await_drain(eof: list[trio.Event], drain: float, inodes: set[int]) ->
         for event in eof:
             await event.wait()
     if not all(event.is_set() for event in eof):
+        assert proc.stdout is not None and proc.stderr is not None  # (open until the run ends)
+        inodes = {os.fstat(p.fileno()).st_ino for p in (proc.stdout, proc.stderr)}
+        if stdin_inode is not None:
+            inodes.add(stdin_inode)
         for pid in _pipe_holders(inodes):
             try:
                 os.kill(pid, signal.SIGKILL)

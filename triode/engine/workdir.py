@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -27,6 +28,15 @@ __all__ = ["WorkDirs", "remove_tree", "scratch_of"]
 REMOVE_BEHIND = 64
 #: Fresh work dirs made ahead of need.
 READY = 16
+#: How much older than its hand-out a dir's last change must be for an unchanged lstat to
+#: show it untouched: file systems stamp changes with a coarse clock that lags the real one
+#: by up to a tick (10 ms at HZ=100), so a change just after hand-out could carry the same
+#: stamp as a change just before it.
+STAMP_SLACK_NS = 50_000_000
+
+#: What an lstat says of a dir that any change to it (an entry made or removed, chmod, an
+#: extended attribute, a new inode in its place) would alter: inode, mode, links, mtime, ctime.
+Stamp = tuple[int, int, int, int, int]
 
 log = logging.getLogger("triode.engine")
 
@@ -72,6 +82,10 @@ def _remove_if_bare(path: Path) -> bool:
     return True
 
 
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_ino, st.st_mode, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def scratch_of(work: Path) -> Path:
     """Where an execution keeps files that are not its action's (spilled output): beside it.
 
@@ -104,6 +118,8 @@ class WorkDirs:
         self._removals: trio.MemorySendChannel[Path] | None = None
         #: Fresh dirs made ahead (refiller, remover); never handed out twice.
         self._ready: list[Path] = []
+        #: The stamp of each ready dir as it was last seen untouched (see _reuse).
+        self._stamps: dict[Path, Stamp] = {}
         #: Fresh dirs a worker thread is making right now.
         self._making: set[Path] = set()
         self._low = trio.Event()
@@ -166,8 +182,10 @@ class WorkDirs:
         A dir left exactly as it was handed out is renamed and kept for a later execution
         instead (see :meth:`_reuse`).
         """
+        stamp = None
         if self._ready:
             path = self._ready.pop()
+            stamp = self._stamps.pop(path, None)
             if len(self._ready) < READY // 4:
                 self._low.set()  # the remover tops the pool up too; this is the backstop
         else:
@@ -177,10 +195,11 @@ class WorkDirs:
             path = self.root / uuid.uuid4().hex
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(path.mkdir)
+        handed_out = time.time_ns()
         try:
             yield path
         finally:
-            if not self._reuse(path):
+            if not self._reuse(path, stamp, handed_out):
                 await self._remove_behind(path)
 
     async def _remove_behind(self, path: Path) -> None:
@@ -195,7 +214,7 @@ class WorkDirs:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_remove, path)
 
-    def _reuse(self, path: Path) -> bool:
+    def _reuse(self, path: Path, stamp: Stamp | None = None, handed_out: int = 0) -> bool:
         """Put back a work dir its action left exactly as it got it, for a later execution.
 
         Removing it and making another frees an inode and allocates one; on ext4 without
@@ -209,6 +228,11 @@ class WorkDirs:
         across a rename all the same: its cwd is the inode.) A process that escaped its
         group and still sits in the dir could reach the next action here, as it could any
         path this node's user can write to: reuse gives it nothing it did not have.
+
+        Most dirs come back with the ``stamp`` they were handed out with, last changed
+        well before ``handed_out`` (ns): one lstat then shows that nothing was made in
+        them, nothing removed, no mode or attribute changed (each would move the ctime,
+        which no call can set back), and the listing and attribute checks are skipped.
         """
         # The pool may be full (the refiller tops it up while dirs are out); a dir coming
         # back is worth more than a fresh one, which cost a mkdir. It stays bounded: every
@@ -216,16 +240,20 @@ class WorkDirs:
         if self._stopping or len(self._ready) >= 2 * READY:
             return False
         try:
-            if stat.S_IMODE(os.lstat(path).st_mode) != self._fresh_mode or os.listxattr(path):
-                return False
-            with os.scandir(path) as entries:
-                if next(entries, None) is not None:
+            st = os.lstat(path)
+            seen = _stamp(st)
+            if seen != stamp or seen[4] >= handed_out - STAMP_SLACK_NS:
+                if stat.S_IMODE(st.st_mode) != self._fresh_mode or os.listxattr(path):
                     return False
+                with os.scandir(path) as entries:
+                    if next(entries, None) is not None:
+                        return False
             if os.path.lexists(scratch_of(path)):
                 return False
         except OSError:
             return False
         self._ready.append(path)
+        self._stamps[path] = seen
         return True
 
     async def remover(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -250,9 +278,14 @@ class WorkDirs:
                         made = await trio.to_thread.run_sync(self._recycle, batch, fresh)
                 finally:
                     self._making.difference_update(fresh)
-                self._ready += made  # (close() removes any left unused)
+                self._add_ready(made)  # (close() removes any left unused)
 
-    def _recycle(self, finished: list[Path], fresh: list[Path]) -> list[Path]:
+    def _add_ready(self, made: list[tuple[Path, Stamp]]) -> None:
+        for path, stamp in made:
+            self._ready.append(path)
+            self._stamps[path] = stamp
+
+    def _recycle(self, finished: list[Path], fresh: list[Path]) -> list[tuple[Path, Stamp]]:
         """Remove ``finished``, then make the ``fresh`` dirs (none if that fails: the
         refiller, or the executions themselves, try again and report the error)."""
         _remove_all(finished)
@@ -276,7 +309,7 @@ class WorkDirs:
             fresh = self._names()
             if fresh:
                 try:
-                    self._ready += await trio.to_thread.run_sync(self._make, fresh)
+                    self._add_ready(await trio.to_thread.run_sync(self._make, fresh))
                 except OSError as exc:  # executions make their own, and get the error themselves
                     log.warning("cannot make work dirs ahead in %s: %s", self.root, exc)
                     return
@@ -292,14 +325,15 @@ class WorkDirs:
         return fresh
 
     @staticmethod
-    def _make(fresh: list[Path]) -> list[Path]:
-        made: list[Path] = []
+    def _make(fresh: list[Path]) -> list[tuple[Path, Stamp]]:
+        """Make the ``fresh`` dirs, each with its stamp (see :meth:`_reuse`), or none."""
+        made: list[tuple[Path, Stamp]] = []
         try:
             for path in fresh:
                 path.mkdir()
-                made.append(path)
+                made.append((path, _stamp(os.lstat(path))))
         except OSError:
-            _remove_all(made)
+            _remove_all([path for path, _ in made])
             raise
         return made
 
