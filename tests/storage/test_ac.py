@@ -142,6 +142,30 @@ async def test_on_disk_the_oldest_entries_go_past_the_limit(tmp_path) -> None:
         assert all([await again.get(key) is not None for key in groups[-1]])
 
 
+async def test_on_disk_entries_in_use_outlive_newer_ones(tmp_path) -> None:
+    """A hit counts as a use: compaction drops the least recently used, not the oldest written."""
+    cas = DiskCAS(tmp_path)
+    stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")
+    old, middle, new = ([Digest.of(b"action %d %d" % (g, i)) for i in range(10)] for g in range(3))
+    with opened(cas, tmp_path / "ac", max_entries=20) as ac:
+        await ac.update_many([(key, _result(stdout, out)) for key in old])
+        await ac.update_many([(key, _result(stdout, out)) for key in middle])
+        for key in old[:5]:  # in use: read after the middle ones were written
+            assert await ac.get(key) is not None
+        await ac.update_many([(key, _result(stdout, out)) for key in new])  # past 20: compacts
+        assert ac.counters["compactions"] == 1
+        present = {key for key in old + middle + new if await ac.get(key) is not None}
+    # 18 stay (90% of the limit): the 10 newest, the 5 in use, the 3 last written before them.
+    assert present == set(new) | set(old[:5]) | set(middle[-3:])
+    # The rewritten log is in order of use, so a process that opens it later keeps to it.
+    newer = [Digest.of(b"action 3 %d" % i) for i in range(4)]
+    with opened(cas, tmp_path / "ac", max_entries=20) as again:
+        await again.update_many([(key, _result(stdout, out)) for key in newer])  # 22: compacts
+        assert again.counters["compactions"] == 1
+        kept = {key for key in old + middle + new + newer if await again.get(key) is not None}
+    assert kept == set(newer) | set(new) | set(old[1:5])  # the 4 least recently used went
+
+
 async def test_the_log_is_bounded_in_bytes_too(tmp_path) -> None:
     cas = DiskCAS(tmp_path)
     stdout, out = await cas.put(b"hello\n"), await cas.put(b"object")

@@ -28,7 +28,7 @@ __all__ = ["ActionCache", "validate_action_result", "referenced_blobs", "MAX_ENT
 
 #: The largest action result stored, encoded.
 MAX_ENTRY_SIZE = 4 * 1024 * 1024
-#: Bytes of log on disk past which the oldest entries go (as past ``max_entries``).
+#: Bytes of log on disk past which the least recently used entries go (as past ``max_entries``).
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
 _MAX_PATH = 4096
 
@@ -188,9 +188,10 @@ class ActionCache:
 
     With ``root`` entries are records of a log under ``root`` (durable once ``update``
     returns, shared with other processes on the same directory); without it they stay
-    in memory. Either way at most ``max_entries`` are kept: in memory the least recently
-    used go first; on disk, once the log passes ``max_entries`` records or ``max_bytes``,
-    the oldest written go until a tenth of the room is free again (one compaction).
+    in memory. Either way at most ``max_entries`` are kept and the least recently used
+    (written or hit) go first: in memory one by one; on disk once the log passes
+    ``max_entries`` records or ``max_bytes``, until a tenth of the room is free again
+    (one compaction).
     """
 
     def __init__(
@@ -299,7 +300,7 @@ class ActionCache:
                     log.unpin(loaded)
             log.applied(loaded, *written)
             if log.over_limits():
-                log.swap(await trio.to_thread.run_sync(log.compact))
+                log.swap(await trio.to_thread.run_sync(log.compact, log.use_order()))
                 self.counters["compactions"] += 1
 
     async def get(self, action_digest: Digest) -> dict[str, Any] | None:

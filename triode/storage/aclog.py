@@ -18,7 +18,10 @@ their key and carry a checksum, so a torn tail or damaged bytes after a crash ar
 found and skipped (the scanner resynchronises on the next magic), never mistaken for
 another action's result. The newest record of a key wins; once the log holds more
 than ``max_entries`` records (or ``max_bytes``), compaction rewrites it with the
-newest live entries, down to 90% of the limits: the oldest written go first.
+most recently used live entries, down to 90% of the limits: the least recently
+written or hit go first. Use is tracked in memory (the index is kept in order of
+use) and the rewritten log is in that order, so a process that opens it later starts
+from it; hits since the last compaction are forgotten by a restart.
 
 Several processes may share the directory (a node and ``triode run`` over the same
 data dir): appends are exclusive, readers pick up what others appended when a miss
@@ -38,6 +41,7 @@ import fcntl
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +75,9 @@ class Loaded:
     """A log file as scanned: where each key's newest record is, and the counts."""
 
     fd: int
-    index: dict[bytes, int] = field(default_factory=dict)  # key -> offset << 32 | value length
+    #: key -> offset << 32 | value length, least recently used first (written, or found
+    #: by :meth:`EntryLog.locate`); as loaded from the file, that is the file's order.
+    index: dict[bytes, int] = field(default_factory=dict)
     scanned: int = 0  # bytes of the file scanned so far
     records: int = 0  # records in the scanned part, superseded ones and tombstones included
     live: int = 0  # keys whose newest record is not a tombstone
@@ -79,10 +85,15 @@ class Loaded:
 
 
 def _apply(loaded: Loaded, key: bytes, offset: int, length: int) -> None:
-    """Index one record; the one further on in the file wins, whichever is seen first."""
+    """Index one record; the one further on in the file wins, whichever is seen first.
+
+    A key that wins moves to the end of the index, which is kept in order of use.
+    """
     old = loaded.index.get(key)
-    if old is not None and old >> 32 >= offset:
-        return
+    if old is not None:
+        if old >> 32 >= offset:
+            return
+        del loaded.index[key]
     loaded.index[key] = offset << 32 | length
     loaded.live += (length > 0) - (old is not None and old & 0xFFFFFFFF > 0)
 
@@ -162,6 +173,18 @@ class _Flock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+def _most_recent_first(index: dict[bytes, int], order: Sequence[bytes]) -> list[int]:
+    """Where the live records are, most recently used first.
+
+    Records ``order`` does not know were appended by others since it was taken, so they
+    are the newest of all (newest written first); then ``order`` from its end.
+    """
+    known = set(order)
+    fresh = sorted((loc for key, loc in index.items() if key not in known and loc & 0xFFFFFFFF), reverse=True)
+    used = [loc for key in reversed(order) if (loc := index.get(key, 0)) & 0xFFFFFFFF]
+    return fresh + used
+
+
 class Replaced(Exception):
     """Another process compacted the log: reload it (:meth:`EntryLog.reload`) and retry."""
 
@@ -217,6 +240,8 @@ class EntryLog:
                 loc = current.index.get(key)
         if loc is None or not loc & 0xFFFFFFFF:
             return None
+        index = current.index
+        index[key] = index.pop(key)  # used now: the last to go at compaction
         return loc
 
     def _catch_up(self, end: int) -> bool:
@@ -257,6 +282,10 @@ class EntryLog:
 
     def over_limits(self) -> bool:
         return self.current.records > self.max_entries or self.current.scanned > self.max_bytes
+
+    def use_order(self) -> list[bytes]:
+        """The keys this process knows, least recently used first (for :meth:`compact`)."""
+        return list(self.current.index)
 
     # -- either side -----------------------------------------------------------------------
 
@@ -311,16 +340,19 @@ class EntryLog:
         with _Flock(self._write_lock, fcntl.LOCK_SH):
             return self._load()
 
-    def compact(self) -> Loaded:
-        """Rewrite the log with its newest live entries, down to 90% of both limits."""
+    def compact(self, order: Sequence[bytes] = ()) -> Loaded:
+        """Rewrite the log with its most recently used live entries, down to 90% of both limits.
+
+        ``order`` is :meth:`use_order`, taken on the event loop; without it, the newest
+        written stay.
+        """
         with _Flock(self._write_lock, fcntl.LOCK_EX):
             old = self._load()  # what is there now, others' appends included
             try:
                 keep_entries = self.max_entries - self.max_entries // 10
                 keep_bytes = self.max_bytes - self.max_bytes // 10
-                newest = sorted((loc for loc in old.index.values() if loc & 0xFFFFFFFF), reverse=True)
                 chosen, size = [], 0
-                for loc in newest[:keep_entries]:
+                for loc in _most_recent_first(old.index, order)[:keep_entries]:
                     size += HEADER_SIZE + (loc & 0xFFFFFFFF)
                     if size > keep_bytes:
                         break
@@ -329,7 +361,7 @@ class EntryLog:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
                 try:
                     with os.fdopen(fd, "wb", closefd=False) as out:
-                        for loc in reversed(chosen):  # oldest first: the order is the age
+                        for loc in reversed(chosen):  # least recently used first, as indexed
                             out.write(os.pread(old.fd, HEADER_SIZE + (loc & 0xFFFFFFFF), loc >> 32))
                     os.fsync(fd)
                     os.replace(tmp, self.path)
