@@ -315,7 +315,7 @@ class Executor:
 
     async def _store_capture(self, capture: Capture) -> dict[str, Any]:
         if not capture.total:  # the usual stderr, and stdout too for many commands
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()  # (no yield: see maybe_in_thread)
             return {"digest": EMPTY.to_wire(), "truncated": False}
         if capture.spilled:
             assert capture.spill_path is not None

@@ -110,9 +110,13 @@ async def stop_group(proc: trio.Process, grace: float) -> None:
 
 
 async def _close_pipes(proc: trio.Process) -> None:
+    """Close every pipe, then yield once (not once per pipe, as ``aclose`` would)."""
     for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
+        if isinstance(stream, trio.lowlevel.FdStream):
+            stream.close()
+        elif stream is not None:  # pragma: no cover - trio gives pipes as FdStreams on Unix
             await stream.aclose()
+    await trio.lowlevel.checkpoint()
 
 
 @asynccontextmanager

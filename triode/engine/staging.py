@@ -39,10 +39,15 @@ T = TypeVar("T")
 
 
 async def maybe_in_thread(in_thread: bool, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a worker thread when it is big, inline (plus a checkpoint) when not."""
+    """``fn(*args)`` in a worker thread when it is big, inline when not.
+
+    Inline, it is a cancellation point but does not yield: its callers run it between
+    other steps of an action that do yield (a thread hop, a process wait), and each
+    needless yield is a trip through the scheduler, several per action.
+    """
     if in_thread:
         return await trio.to_thread.run_sync(fn, *args)
-    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint_if_cancelled()
     return fn(*args)
 
 
