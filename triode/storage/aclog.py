@@ -340,11 +340,10 @@ class EntryLog:
         with _Flock(self._write_lock, fcntl.LOCK_SH):
             return self._load()
 
-    def compact(self, order: Sequence[bytes] = ()) -> Loaded:
+    def compact(self, order: Sequence[bytes]) -> Loaded:
         """Rewrite the log with its most recently used live entries, down to 90% of both limits.
 
-        ``order`` is :meth:`use_order`, taken on the event loop; without it, the newest
-        written stay.
+        ``order`` is :meth:`use_order`, taken on the event loop.
         """
         with _Flock(self._write_lock, fcntl.LOCK_EX):
             old = self._load()  # what is there now, others' appends included
