@@ -81,6 +81,19 @@ async def test_tree_ignoring_sigterm_is_killed_after_timeout_and_grace() -> None
     assert _procs_with(marker) == []
 
 
+async def test_output_written_on_sigterm_is_read_through_the_grace_period() -> None:
+    # More than a pipe holds, written after the timeout's SIGTERM: unread, the child would
+    # block until SIGKILL at the end of the grace period and its exit would be lost.
+    script = "trap 'head -c 1048576 /dev/zero; exit 7' TERM; while :; do sleep 0.05; done"
+    async with no_leaks():
+        start = time.monotonic()
+        r = await run_process(["/bin/sh", "-c", script], timeout=0.5, grace=20)
+        took = time.monotonic() - start
+    assert r.timed_out and r.exit_code == 7 and r.signal is None
+    assert r.stdout.total == 1048576
+    assert took < 10
+
+
 @pytest.mark.parametrize("stdin", [None, b"some input"])
 async def test_grandchild_that_escapes_the_group_with_our_pipes_does_not_hang(stdin: bytes | None) -> None:
     marker = _unique_sleep()
@@ -92,6 +105,23 @@ async def test_grandchild_that_escapes_the_group_with_our_pipes_does_not_hang(st
             r = await run_process(["/bin/sh", "-c", script], grace=0.2, drain=0.5, stdin=stdin)
     assert r.exit_code == 0 and r.stdout.data() == b"done\n"
     assert await eventually(lambda: not _procs_with(marker), 2)
+
+
+async def test_escaped_grandchild_holding_unread_stdin_does_not_hang() -> None:
+    marker = _unique_sleep()
+    # The sleeper leaves the group with our stdin (never reading it) and not our output
+    # pipes, so they reach EOF; stdin is larger than a pipe holds, so feeding it blocks.
+    # (fd 3 carries stdin past the shell, which gives a background job /dev/null instead)
+    script = f"exec 3<&0; setsid sleep {marker} <&3 3<&- >/dev/null 2>&1 & exec 3<&-; echo done"
+    try:
+        async with no_leaks():
+            with trio.fail_after(10):
+                r = await run_process(["/bin/sh", "-c", script], grace=0.2, drain=0.5,
+                                      stdin=b"x" * (4 * 1024 * 1024))
+        assert r.exit_code == 0 and r.stdout.data() == b"done\n"
+    finally:
+        for pid in _procs_with(marker):  # it escaped, and held no pipe we wait for: ours to tidy
+            os.kill(pid, 9)
 
 
 async def test_background_child_of_a_finished_leader_is_stopped() -> None:

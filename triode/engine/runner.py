@@ -3,16 +3,17 @@
 :func:`run_process` starts argv in its own process group (through
 :func:`~triode.engine.procgroup.open_process_group`), reads stdout and stderr
 concurrently from the first moment (so a large stdin or a chatty child can never
-deadlock on a full pipe), keeps the head of each up to a cap, and ends in exactly one
-way: the leader exited, it was killed by a signal, the timeout passed, the output cap
-was hit (when that kills), or it was stopped on request. In every case the whole group
-is stopped (SIGTERM, grace, SIGKILL), the leader reaped and both pipes closed before
-this returns; a cancelled caller gets the same cleanup, shielded, before ``Cancelled``
-goes on up. This is trio's ``run_process(deliver_cancel=...)`` idea with a group-wide
-deliver-cancel, plus the part trio leaves to us: a grandchild that escaped the group
-while holding our pipes would otherwise keep the readers waiting for an EOF that never
-comes, so after the group is gone the readers get a short drain period, then whoever
-still holds the pipes is killed and the readers are cancelled.
+deadlock on a full pipe; one task watches both pipes and the exit, see
+:class:`_ChildWatch`), keeps the head of each up to a cap, and ends in exactly one
+way: the leader exited, it was killed by a signal, the timeout passed, the output
+cap was hit (when that kills), or it was stopped on request. In every case the whole
+group is stopped (SIGTERM, grace, SIGKILL), the leader reaped and both pipes closed
+before this returns; a cancelled caller gets the same cleanup, shielded, before
+``Cancelled`` goes on up. This is trio's ``run_process(deliver_cancel=...)`` idea
+with a group-wide deliver-cancel, plus the part trio leaves to us: a grandchild that
+escaped the group while holding our pipes would otherwise keep us waiting for an EOF
+that never comes, so after the group is gone the pipes get a short drain period,
+then whoever still holds them is killed, and past the drain they are closed unread.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from __future__ import annotations
 import errno
 import math
 import os
+import select
 import signal
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from .procgroup import DEVNULL, PIPE, open_process_group, stop_group
+from .procgroup import DEVNULL, PIPE, group_alive, open_process_group, stop_group
 
 __all__ = ["DEFAULT_OUTPUT_CAP", "DEFAULT_GRACE", "Capture", "ProcessResult", "run_process"]
 
@@ -195,33 +197,31 @@ async def run_process(
 
             # Noted now: by the time it is needed, stdin may be closed (fileno() is -1).
             stdin_inode = os.fstat(proc.stdin.fileno()).st_ino if proc.stdin is not None else None
-            eof = [trio.Event(), trio.Event()]
-            async with trio.open_nursery() as readers:
-                assert proc.stdout is not None and proc.stderr is not None
-                readers.start_soon(_pump, proc.stdout, out, cap_hit, eof[0])
-                readers.start_soon(_pump, proc.stderr, err, cap_hit, eof[1])
-                if stdin is not None:
-                    assert proc.stdin is not None
-                    readers.start_soon(_feed_stdin, proc.stdin, stdin)
-                if stop is None:
-                    with waiting:
-                        await proc.wait()
-                else:
-                    async with trio.open_nursery() as control:
-                        control.start_soon(_watch, stop, waiting, ended)
+            assert proc.stdout is not None and proc.stderr is not None
+            with _ChildWatch(proc, out, err) as watch:
+                async with trio.open_nursery() if stdin is not None else nullcontext() as feeder:
+                    if feeder is not None:
+                        assert proc.stdin is not None
+                        feeder.start_soon(_feed_stdin, proc.stdin, stdin)
+                    if stop is None:
                         with waiting:
-                            await proc.wait()
-                        control.cancel_scope.cancel()
-                duration = trio.current_time() - start
-                timed_out = waiting.cancelled_caught and not ended["cap"] and not ended["stop"]
-                # The leader is done or we gave up on it: stop what is left of the group
-                # now (not at the end of the block) so the readers can reach EOF.
-                with trio.CancelScope(shield=True):
-                    await stop_group(proc, grace)
-                if not (eof[0].is_set() and eof[1].is_set()):  # (the readers are just behind)
-                    readers.cancel_scope.deadline = trio.current_time() + drain
+                            await watch.until_exit(cap_hit)
+                    else:
+                        async with trio.open_nursery() as control:
+                            control.start_soon(_watch_stop, stop, waiting, ended)
+                            with waiting:
+                                await watch.until_exit(cap_hit)
+                            control.cancel_scope.cancel()
+                    duration = trio.current_time() - start
+                    timed_out = waiting.cancelled_caught and not ended["cap"] and not ended["stop"]
+                    # The leader is done or we gave up on it: stop what is left of the group
+                    # now (not at the end of the block) so the pipes can reach EOF.
                     with trio.CancelScope(shield=True):
-                        await _await_drain(eof, drain, proc, stdin_inode)
+                        await _stop_group_reading(proc, grace, watch)
+                        if not watch.at_eof:  # (a writer that left the group may still hold them)
+                            await _drain(watch, drain, stdin_inode)
+                    if feeder is not None:
+                        feeder.cancel_scope.cancel()  # the run is over: unread stdin no longer matters
     finally:
         out.close()
         err.close()
@@ -240,18 +240,94 @@ async def run_process(
     )
 
 
-async def _pump(
-    stream: trio.abc.ReceiveStream, capture: Capture, cap_hit: Callable[[], None], eof: trio.Event
-) -> None:
-    try:
-        while chunk := await stream.receive_some(_READ_SIZE):
+class _ChildWatch:
+    """The leader's exit and both output pipes, watched through one epoll set of our own.
+
+    One task waits on the set's fd (trio waits on an epoll fd as on any other) and
+    reads whichever pipe is ready, instead of a reader task per pipe plus a task
+    waiting for the exit: a short command then costs the event loop one wake-up
+    where it cost several (docs/design.md has the figures). The set is level-triggered,
+    so whatever one pass leaves unread wakes the next. The exit is seen through a
+    pidfd of our own; reaping still goes through ``proc.returncode``. Linux only, as
+    the rest of the runner (``/proc``) already is.
+    """
+
+    def __init__(self, proc: trio.Process, out: Capture, err: Capture) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self._proc = proc
+        self._epoll = select.epoll()
+        self._pidfd: int | None = None
+        #: Pipe fd -> where its bytes go, for each pipe not yet at EOF.
+        self._pipes = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        try:
+            for fd in self._pipes:
+                self._epoll.register(fd, select.EPOLLIN)
+            self._pidfd = os.pidfd_open(proc.pid)
+            self._epoll.register(self._pidfd, select.EPOLLIN)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> _ChildWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def at_eof(self) -> bool:
+        return not self._pipes
+
+    @property
+    def pipe_fds(self) -> list[int]:
+        return list(self._pipes)
+
+    async def until_exit(self, on_cap: Callable[[], None]) -> None:
+        """Capture output until the leader has exited and been reaped."""
+        while self._pidfd is not None:
+            await self._step(on_cap)
+
+    async def until_eof(self) -> None:
+        """Capture output until both pipes are at EOF."""
+        while self._pipes:
+            await self._step(None)
+
+    async def _step(self, on_cap: Callable[[], None] | None) -> None:
+        await trio.lowlevel.wait_readable(self._epoll.fileno())
+        for fd, _ in self._epoll.poll(0):
+            if fd == self._pidfd:
+                if self._proc.returncode is not None:  # reaped now
+                    self._close_pidfd()
+                continue
+            capture = self._pipes.get(fd)
+            if capture is None:
+                continue
+            try:
+                chunk = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                del self._pipes[fd]
+                self._epoll.unregister(fd)
+                continue
             await capture.feed(chunk)
-            if capture.truncated:
-                cap_hit()
-    except trio.ClosedResourceError:  # closed under us once the run is over
-        pass
-    finally:
-        eof.set()
+            if capture.truncated and on_cap is not None:
+                on_cap()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            fd, self._pidfd = self._pidfd, None
+            self._epoll.unregister(fd)
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the set and the pidfd; the pipes themselves are the process group's to close."""
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self._epoll.closed:
+            trio.lowlevel.notify_closing(self._epoll.fileno())
+            self._epoll.close()
 
 
 async def _feed_stdin(stream: trio.abc.SendStream, data: bytes | Path) -> None:
@@ -270,33 +346,44 @@ async def _feed_stdin(stream: trio.abc.SendStream, data: bytes | Path) -> None:
         pass
 
 
-async def _watch(stop: trio.Event, waiting: trio.CancelScope, ended: dict[str, bool]) -> None:
+async def _watch_stop(stop: trio.Event, waiting: trio.CancelScope, ended: dict[str, bool]) -> None:
     await stop.wait()
     ended["stop"] = True
     waiting.cancel()
 
 
-async def _await_drain(
-    eof: list[trio.Event], drain: float, proc: trio.Process, stdin_inode: int | None
-) -> None:
-    """Give the readers ``drain`` seconds to reach EOF; then kill whoever holds our pipes.
+async def _stop_group_reading(proc: trio.Process, grace: float, watch: _ChildWatch) -> None:
+    """:func:`stop_group`, reading the pipes meanwhile: a child that writes its last words
+    on SIGTERM must not block on a full pipe until the SIGKILL at the end of the grace."""
+    if proc.returncode is not None and not group_alive(proc.pid):
+        return  # the usual end: the leader exited and left nothing behind
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.until_eof)
+        await stop_group(proc, grace)
+        nursery.cancel_scope.cancel()
+
+
+async def _drain(watch: _ChildWatch, drain: float, stdin_inode: int | None) -> None:
+    """Give the pipes ``drain`` seconds to reach EOF, killing whoever holds them half way.
 
     The group is gone by now, so a writer still holding a pipe escaped it (setsid,
     double fork). It was started by us all the same: it is killed, not waited for.
+    What it writes meanwhile is captured; past ``drain`` the pipes are closed unread.
     """
     with trio.move_on_after(drain / 2):
-        for event in eof:
-            await event.wait()
-    if not all(event.is_set() for event in eof):
-        assert proc.stdout is not None and proc.stderr is not None  # (open until the run ends)
-        inodes = {os.fstat(p.fileno()).st_ino for p in (proc.stdout, proc.stderr)}
-        if stdin_inode is not None:
-            inodes.add(stdin_inode)
-        for pid in _pipe_holders(inodes):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        await watch.until_eof()
+    if watch.at_eof:
+        return
+    inodes = {os.fstat(fd).st_ino for fd in watch.pipe_fds}
+    if stdin_inode is not None:
+        inodes.add(stdin_inode)
+    for pid in _pipe_holders(inodes):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    with trio.move_on_after(drain / 2):
+        await watch.until_eof()
 
 
 def _pipe_holders(inodes: set[int]) -> list[int]:
