@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -119,9 +120,28 @@ async def test_escaped_grandchild_holding_unread_stdin_does_not_hang() -> None:
                 r = await run_process(["/bin/sh", "-c", script], grace=0.2, drain=0.5,
                                       stdin=b"x" * (4 * 1024 * 1024))
         assert r.exit_code == 0 and r.stdout.data() == b"done\n"
+        assert await eventually(lambda: not _procs_with(marker), 2)  # killed: it held our pipe
     finally:
-        for pid in _procs_with(marker):  # it escaped, and held no pipe we wait for: ours to tidy
+        for pid in _procs_with(marker):
             os.kill(pid, 9)
+
+
+@pytest.mark.parametrize("limit", [None, 0.3])
+async def test_runs_without_pidfds(monkeypatch: pytest.MonkeyPatch, limit: float | None) -> None:
+    # Where pidfd_open fails (an old kernel, a seccomp filter), the exit is waited for
+    # the way trio does it, while one task still reads both pipes.
+    def refuse(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open is not available")
+
+    monkeypatch.setattr(os, "pidfd_open", refuse)
+    script = "echo out; echo err >&2; head -c 200000 /dev/zero; sleep 0.5; exit 3"
+    async with no_leaks():
+        r = await run_process(["/bin/sh", "-c", script], timeout=limit, grace=0.2)
+    assert r.stdout.total == 4 + 200000 and r.stderr.data() == b"err\n"
+    if limit is None:
+        assert (r.exit_code, r.timed_out) == (3, False)
+    else:
+        assert r.timed_out and r.signal is not None
 
 
 async def test_background_child_of_a_finished_leader_is_stopped() -> None:

@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_OUTPUT_CAP", "DEFAULT_GRACE", "Capture", "ProcessResult", "r
 DEFAULT_OUTPUT_CAP = 64 * 1024 * 1024
 #: Seconds between SIGTERM and SIGKILL.
 DEFAULT_GRACE = 5.0
-#: Seconds the readers may go on after the group is gone, waiting for EOF.
+#: Seconds the pipes are read after the group is gone, waiting for EOF.
 DEFAULT_DRAIN = 1.0
 
 _READ_SIZE = 64 * 1024
@@ -203,25 +203,31 @@ async def run_process(
                     if feeder is not None:
                         assert proc.stdin is not None
                         feeder.start_soon(_feed_stdin, proc.stdin, stdin)
-                    if stop is None:
-                        with waiting:
-                            await watch.until_exit(cap_hit)
-                    else:
-                        async with trio.open_nursery() as control:
-                            control.start_soon(_watch_stop, stop, waiting, ended)
+                    try:
+                        if stop is None:
                             with waiting:
                                 await watch.until_exit(cap_hit)
-                            control.cancel_scope.cancel()
-                    duration = trio.current_time() - start
+                        else:
+                            async with trio.open_nursery() as control:
+                                control.start_soon(_watch_stop, stop, waiting, ended)
+                                with waiting:
+                                    await watch.until_exit(cap_hit)
+                                control.cancel_scope.cancel()
+                        duration = trio.current_time() - start
+                    finally:
+                        # However the wait ended (the caller's cancellation too): stop what is
+                        # left of the group now, reading the pipes meanwhile, then let them
+                        # reach EOF, killing any writer that left the group and keeps them open.
+                        with trio.CancelScope(shield=True):
+                            await _stop_group_reading(proc, grace, watch)
+                            if not watch.at_eof:
+                                await _drain(watch, drain, stdin_inode)
+                        if feeder is not None:
+                            if feeder.child_tasks and stdin_inode is not None:
+                                # Still writing with the group gone: the reader left the group.
+                                _kill_holders({stdin_inode})
+                            feeder.cancel_scope.cancel()  # the run is over: unread stdin no longer matters
                     timed_out = waiting.cancelled_caught and not ended["cap"] and not ended["stop"]
-                    # The leader is done or we gave up on it: stop what is left of the group
-                    # now (not at the end of the block) so the pipes can reach EOF.
-                    with trio.CancelScope(shield=True):
-                        await _stop_group_reading(proc, grace, watch)
-                        if not watch.at_eof:  # (a writer that left the group may still hold them)
-                            await _drain(watch, drain, stdin_inode)
-                    if feeder is not None:
-                        feeder.cancel_scope.cancel()  # the run is over: unread stdin no longer matters
     finally:
         out.close()
         err.close()
@@ -257,13 +263,18 @@ class _ChildWatch:
         self._proc = proc
         self._epoll = select.epoll()
         self._pidfd: int | None = None
+        self._reaped = False
         #: Pipe fd -> where its bytes go, for each pipe not yet at EOF.
         self._pipes = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
         try:
             for fd in self._pipes:
                 self._epoll.register(fd, select.EPOLLIN)
-            self._pidfd = os.pidfd_open(proc.pid)
-            self._epoll.register(self._pidfd, select.EPOLLIN)
+            try:
+                self._pidfd = os.pidfd_open(proc.pid)
+            except OSError:  # an old kernel, a seccomp filter, out of fds: see until_exit
+                pass
+            else:
+                self._epoll.register(self._pidfd, select.EPOLLIN)
         except BaseException:
             self.close()
             raise
@@ -284,19 +295,27 @@ class _ChildWatch:
 
     async def until_exit(self, on_cap: Callable[[], None]) -> None:
         """Capture output until the leader has exited and been reaped."""
-        while self._pidfd is not None:
+        if self._pidfd is None:
+            # No pidfd of our own: trio's wait (which has fallbacks of its own) beside a reader.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.until_eof, on_cap)
+                await self._proc.wait()
+                nursery.cancel_scope.cancel()
+            self._reaped = True
+        while not self._reaped:
             await self._step(on_cap)
 
-    async def until_eof(self) -> None:
+    async def until_eof(self, on_cap: Callable[[], None] | None = None) -> None:
         """Capture output until both pipes are at EOF."""
         while self._pipes:
-            await self._step(None)
+            await self._step(on_cap)
 
     async def _step(self, on_cap: Callable[[], None] | None) -> None:
         await trio.lowlevel.wait_readable(self._epoll.fileno())
         for fd, _ in self._epoll.poll(0):
             if fd == self._pidfd:
                 if self._proc.returncode is not None:  # reaped now
+                    self._reaped = True
                     self._close_pidfd()
                 continue
             capture = self._pipes.get(fd)
@@ -377,13 +396,19 @@ async def _drain(watch: _ChildWatch, drain: float, stdin_inode: int | None) -> N
     inodes = {os.fstat(fd).st_ino for fd in watch.pipe_fds}
     if stdin_inode is not None:
         inodes.add(stdin_inode)
+    _kill_holders(inodes)
+    with trio.move_on_after(drain / 2):
+        await watch.until_eof()
+
+
+def _kill_holders(inodes: set[int]) -> None:
+    """SIGKILL every other process holding one of these pipes: started by us, escaped from
+    the group, and keeping a pipe of a finished run open. Killed, not waited for."""
     for pid in _pipe_holders(inodes):
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    with trio.move_on_after(drain / 2):
-        await watch.until_eof()
 
 
 def _pipe_holders(inodes: set[int]) -> list[int]:
