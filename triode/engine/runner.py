@@ -336,6 +336,8 @@ class _ChildWatch:
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
             fd, self._pidfd = self._pidfd, None
+            # Unregister before closing: closing alone left the set reporting the old fd
+            # (on Linux 6.18 a pidfd's file can outlive our fd, and epoll follows the file).
             self._epoll.unregister(fd)
             os.close(fd)
 
