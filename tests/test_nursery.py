@@ -4,7 +4,7 @@ import pytest
 import trio
 
 import triode
-from triode.nursery import open_service_nursery
+from triode.concurrency import open_service_nursery
 from triode.testing import no_leaks
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .engine.procgroup import proc_stats
+from .procgroup import proc_stats
 
 __all__ = ["Snapshot", "snapshot", "no_leaks", "child_processes", "open_fds", "live_tasks"]
 

@@ -24,9 +24,9 @@ import uuid
 import trio
 
 import triode
-from triode.engine.action import Action, Input
-from triode.engine.execute import Executor
+from triode.engine.executor import Executor
 from triode.engine.workdir import WorkDirs
+from triode.model.action import Action, Input
 from triode.storage.ac import ActionCache
 from triode.storage.disk import DiskCAS
 

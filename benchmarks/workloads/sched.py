@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import trio
 
 import triode
-from triode.engine.action import Action
+from triode.model.action import Action
 
 from ..harness import Bench, workload
 

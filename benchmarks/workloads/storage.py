@@ -22,7 +22,7 @@ import trio
 import zstandard
 
 import triode
-from triode.storage.digest import Digest
+from triode.model.digest import Digest
 from triode.wire import codec
 
 from ..harness import Bench, run_concurrently, workload

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import trio
 
-from triode.engine.tools import find_runtime, open_tool_pool
 from triode.errors import RuntimeMissing
+from triode.tools import find_runtime, open_tool_pool
 
 from ..harness import Bench, workload
 

@@ -17,7 +17,7 @@ import trio
 
 import triode
 from triode import errors
-from triode.engine.procgroup import open_process_group
+from triode.procgroup import open_process_group
 from triode.testing import no_leaks
 
 #: Runs ``triode`` with one extra part serving ``test.sleep`` (sleep ARGS seconds, then
@@ -26,7 +26,7 @@ WITH_SLEEP_METHOD = """
 import sys
 from contextlib import asynccontextmanager
 import trio
-import triode.node
+import triode.node.compose
 
 class Part:
     name = "test"
@@ -41,8 +41,7 @@ async def sleep_part(node):
     node.router.add("test.sleep", sleep)
     yield Part()
 
-_load = triode.node._load_parts
-triode.node._load_parts = lambda: [*_load(), sleep_part]
+triode.node.compose.PARTS = (*triode.node.compose.PARTS, sleep_part)
 from triode.cli import main
 sys.exit(main(sys.argv[1:]))
 """

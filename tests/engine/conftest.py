@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from triode.engine.execute import EngineConfig, Executor
+from triode.engine.executor import EngineConfig, Executor
 from triode.engine.workdir import WorkDirs
 from triode.storage.ac import ActionCache
 from triode.storage.disk import DiskCAS

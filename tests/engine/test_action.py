@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from triode.engine import action as action_module
-from triode.engine.action import PARSED_ACTIONS, Action, Input, parse_wire_action
 from triode.errors import InvalidArgument, InvalidPath
-from triode.storage.digest import Digest
+from triode.model import action as action_module
+from triode.model.action import PARSED_ACTIONS, Action, Input, parse_wire_action
+from triode.model.digest import Digest
 
 
 def _wire(**fields: object) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from triode.engine.action import Action, Input
+from triode.model.action import Action, Input
 from triode.testing import child_processes, live_tasks, open_fds, snapshot
 
 from .conftest import eventually, make_rig

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from triode.engine.action import Action, Input
 from triode.errors import InvalidPath, MissingInputs
-from triode.storage.digest import Digest
+from triode.model.action import Action, Input
+from triode.model.digest import Digest
 
 from .conftest import Rig
 

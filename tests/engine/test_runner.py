@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from triode.engine.procgroup import group_alive
 from triode.engine.runner import run_process
+from triode.procgroup import group_alive
 from triode.testing import child_processes, no_leaks
 
 from .conftest import eventually

@@ -8,9 +8,9 @@ import pytest
 import trio
 
 import triode
-from triode.engine.action import Action
 from triode.errors import InvalidArgument, InvalidPath, MissingInputs
-from triode.storage.digest import Digest
+from triode.model.action import Action
+from triode.model.digest import Digest
 
 from .conftest import eventually
 from .test_runner import _procs_with, _unique_sleep

@@ -14,8 +14,8 @@ from typing import Any
 import trio
 
 import triode
-from triode.engine.action import Action
-from triode.engine.procgroup import open_process_group
+from triode.model.action import Action
+from triode.procgroup import open_process_group
 
 
 @dataclass

@@ -8,8 +8,8 @@ import pytest
 import trio
 
 import triode
-from triode.engine.action import Action
 from triode.errors import Cancelled, ResourceExhausted, Unavailable
+from triode.model.action import Action
 
 from .nodes import sleep_action, spawn_cluster, spawn_node, wait_for
 

@@ -11,10 +11,10 @@ import trio
 
 import triode
 from triode.cli.status import render
-from triode.engine.action import Action, Input
-from triode.engine.procgroup import open_process_group
 from triode.errors import InvalidArgument, NotFound
-from triode.storage.digest import Digest
+from triode.model.action import Action, Input
+from triode.model.digest import Digest
+from triode.procgroup import open_process_group
 from triode.testing import no_leaks
 
 from .nodes import sleep_action, wait_for

@@ -11,8 +11,8 @@ import pytest
 
 import triode
 from triode.errors import FailedPrecondition, InvalidArgument
+from triode.model.digest import Digest
 from triode.storage.ac import ActionCache, referenced_blobs, validate_action_result
-from triode.storage.digest import Digest
 from triode.storage.disk import DiskCAS
 from triode.storage.memory import MemoryCAS
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import triode
-from triode.storage.digest import Digest
+from triode.model.digest import Digest
 
 
 def _triode(*args: str, home, stdin: bytes | None = None) -> subprocess.CompletedProcess:

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 import triode
-from triode.engine.procgroup import open_process_group
 from triode.errors import TriodeError
-from triode.storage.digest import Digest
+from triode.model.digest import Digest
+from triode.procgroup import open_process_group
 from triode.testing import no_leaks
 
 

@@ -9,7 +9,7 @@ import trio
 
 import triode
 from triode.errors import ResourceExhausted
-from triode.storage.digest import Digest
+from triode.model.digest import Digest
 from triode.storage.disk import DiskCAS
 from triode.testing import no_leaks
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triode.errors import DigestMismatch, InvalidArgument
-from triode.storage.framing import MAX_PAYLOAD, RAW_CHUNK, Decoder, Encoder
+from triode.wire.framing import MAX_PAYLOAD, RAW_CHUNK, Decoder, Encoder
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -100,7 +100,7 @@ def test_truncated_stream_is_an_error_at_close() -> None:
 @pytest.mark.parametrize("lanes", [1, 2, 3])
 async def test_encoding_in_parallel_lanes_keeps_the_order(lanes: int) -> None:
     """Large chunks are compressed by several threads at once; the frames still come in order."""
-    from triode.storage.service import encode
+    from triode.wire.transfer import encode
 
     data = b"".join(os.urandom(8) * (RAW_CHUNK // 8 - i) + os.urandom(64 * i) for i in range(5)) + b"tail"
     frames = await encode(Encoder(lanes=lanes), data)

@@ -11,9 +11,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from triode.chunks import READ_CHUNK, bytes_chunks
 from triode.errors import BlobNotFound, DigestMismatch, FailedPrecondition, InvalidDigest, TooLarge
-from triode.storage.cas import CAS, READ_CHUNK, bytes_chunks
-from triode.storage.digest import EMPTY, Digest
+from triode.model.digest import EMPTY, Digest
+from triode.storage.cas import CAS
 from triode.storage.disk import DiskCAS, atomic_write_many, sweep_temp
 from triode.storage.memory import MemoryCAS
 from triode.testing import no_leaks

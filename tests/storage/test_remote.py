@@ -11,6 +11,7 @@ import trio
 import zstandard
 
 import triode
+from triode.chunks import READ_CHUNK
 from triode.errors import (
     BlobNotFound,
     ConnectionClosed,
@@ -19,10 +20,9 @@ from triode.errors import (
     InvalidDigest,
     TooLarge,
 )
-from triode.storage.cas import READ_CHUNK
-from triode.storage.digest import EMPTY, Digest
-from triode.storage.framing import RAW_CHUNK
+from triode.model.digest import EMPTY, Digest
 from triode.testing import no_leaks
+from triode.wire.framing import RAW_CHUNK
 
 MiB = 1024 * 1024
 

@@ -10,7 +10,7 @@ import trio
 
 import triode
 from triode.errors import BlobNotFound, Unavailable
-from triode.storage.digest import Digest
+from triode.model.digest import Digest
 from triode.testing import no_leaks
 
 MiB = 1024 * 1024

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from triode.engine.tools import ToolPool, find_runtime, open_tool_pool
 from triode.errors import RuntimeMissing
 from triode.testing import no_leaks
+from triode.tools import ToolPool, find_runtime, open_tool_pool
 
 FIXTURES = Path(__file__).with_name("fixtures")
 JS = FIXTURES / "tools.mjs"

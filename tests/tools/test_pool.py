@@ -9,10 +9,6 @@ import pytest
 import trio
 import trio.testing
 
-from triode.engine.procgroup import group_alive
-from triode.engine.tools import Runtime, ToolPool, find_runtime, open_tool_pool
-from triode.engine.tools.pool import worker_env
-from triode.engine.tools.worker import Worker, WorkerSpec, run_worker
 from triode.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -24,7 +20,11 @@ from triode.errors import (
     ToolError,
     ToolNotFound,
 )
+from triode.procgroup import group_alive
 from triode.testing import child_processes, no_leaks
+from triode.tools import Runtime, ToolPool, find_runtime, open_tool_pool
+from triode.tools.pool import worker_env
+from triode.tools.worker import Worker, WorkerSpec, run_worker
 
 FIXTURES = Path(__file__).with_name("fixtures")
 JS = FIXTURES / "tools.mjs"

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triode.engine.tools.protocol import (
+from triode.errors import OutputTooLarge, ProtocolError
+from triode.tools.protocol import (
     FrameDecoder,
     LoadFailure,
     Ready,
@@ -17,7 +18,6 @@ from triode.engine.tools.protocol import (
     parse_hello,
     parse_result,
 )
-from triode.errors import OutputTooLarge, ProtocolError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),

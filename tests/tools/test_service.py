@@ -12,8 +12,8 @@ import pytest
 import trio
 
 import triode
-from triode.engine.procgroup import group_alive
 from triode.errors import DeadlineExceeded, InvalidArgument, InvalidPath, ToolError, ToolNotFound
+from triode.procgroup import group_alive
 
 FIXTURES = Path(__file__).with_name("fixtures")
 JS = FIXTURES / "tools.mjs"

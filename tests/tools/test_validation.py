@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from triode.engine.tools.runtimes import find_runtime
-from triode.engine.tools.validation import (
+from triode.errors import InvalidArgument, InvalidPath, RuntimeMissing, TooLarge
+from triode.tools.runtimes import find_runtime
+from triode.tools.validation import (
     encode_input,
     validate_entrypoint,
     validate_env,
     validate_timeout,
     validate_tool_id,
 )
-from triode.errors import InvalidArgument, InvalidPath, RuntimeMissing, TooLarge
 
 JS = Path(__file__).with_name("fixtures") / "tools.mjs"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from ..errors import BlobNotFound, InvalidDigest, TriodeError
-from ..storage.digest import Digest
+from ..model.digest import Digest
 from .common import add_client_options, open_cli_client
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import trio
 
-from ..engine.action import Action
-from ..engine.client import write_outputs
+from ..client.actions import write_outputs
 from ..errors import InvalidArgument, MissingInputs
-from ..storage.digest import Digest
+from ..model.action import Action
+from ..model.digest import Digest
 from .common import add_client_options, open_cli_client
 
 __all__ = ["register", "run", "DEFAULT_PATH", "TIMEOUT_EXIT"]

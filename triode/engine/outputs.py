@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidPath, OutputTooLarge
-from .paths import check_link_target, resolve_inside
+from ..model.paths import check_link_target, resolve_inside
 
 __all__ = ["Collected", "scan_outputs", "MAX_OUTPUT_ENTRIES"]
 

@@ -1,7 +1,7 @@
 """Run one command to completion, whatever happens: the process runner under actions.
 
 :func:`run_process` starts argv in its own process group (through
-:func:`~triode.engine.procgroup.open_process_group`), reads stdout and stderr
+:func:`~triode.procgroup.open_process_group`), reads stdout and stderr
 concurrently from the first moment (so a large stdin or a chatty child can never
 deadlock on a full pipe; one task watches both pipes and the exit, see
 :class:`_ChildWatch`), keeps the head of each up to a cap, and ends in exactly one
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from .procgroup import DEVNULL, PIPE, group_alive, open_process_group, stop_group
+from ..procgroup import DEVNULL, PIPE, group_alive, open_process_group, stop_group
 
 __all__ = ["DEFAULT_OUTPUT_CAP", "DEFAULT_GRACE", "Capture", "ProcessResult", "run_process"]
 

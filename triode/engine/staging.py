@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import trio
 
 from ..errors import BlobNotFound, MissingInputs
-from ..storage.digest import Digest
-from .action import Action, Input
-from .paths import parents
+from ..model.action import Action, Input
+from ..model.digest import Digest
+from ..model.paths import parents
 
 __all__ = ["Staged", "stage_inputs", "link_policy", "tampered", "mode_for", "maybe_in_thread", "INLINE_FILES"]
 

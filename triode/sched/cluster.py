@@ -21,7 +21,14 @@ import msgpack
 import trio
 
 from ..client import connect
-from ..errors import ConnectionClosed, NotFound, ResourceExhausted, TriodeError, Unavailable, Unimplemented
+from ..errors import (
+    ConnectionClosed,
+    NotFound,
+    ResourceExhausted,
+    TriodeError,
+    Unavailable,
+    Unimplemented,
+)
 from ..wire.connection import Connection
 from ..wire.transport import format_address, parse_address
 from .job import Job, NotAccepted, PeerLost

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..storage.digest import Digest
+from ..model.digest import Digest
 
 __all__ = ["Job", "Executor", "Placement", "NotAccepted", "PeerLost"]
 

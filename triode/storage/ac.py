@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
+from ..chunks import INLINE_LIMIT
 from ..errors import FailedPrecondition, InvalidArgument, TriodeError
+from ..model.digest import Digest
 from .aclog import EntryLog, Replaced, entry_key
-from .cas import CAS, INLINE_LIMIT
-from .digest import Digest
+from .cas import CAS
 
 if TYPE_CHECKING:
     from .tier import Backing

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .digest import Digest
+from ..model.digest import Digest
 from .disk import fsync_dir
 
 __all__ = ["EntryLog", "Loaded", "Replaced", "entry_key", "MAX_VALUE"]

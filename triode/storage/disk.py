@@ -28,9 +28,11 @@ from typing import Any
 import msgpack
 import trio
 
+from ..chunks import INLINE_LIMIT, READ_CHUNK
+from ..concurrency import single_error
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Lease, Pins, Writer, _single
-from .digest import EMPTY, Digest
+from ..model.digest import EMPTY, Digest
+from .cas import CAS, Lease, Pins, Writer
 
 __all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write", "atomic_write_many", "fsync_dir"]
 
@@ -543,7 +545,7 @@ class _DiskWriter(Writer):
                 nursery.start_soon(trio.to_thread.run_sync, self.hasher.update_all, chunks)
                 await trio.to_thread.run_sync(self._write_sync, chunks, start)
         except BaseExceptionGroup as group:
-            raise _single(group) from None
+            raise single_error(group) from None
 
     def _write_sync(self, chunks: list[bytes | memoryview], start: int) -> None:
         fd = self._fd

@@ -10,9 +10,10 @@ from typing import Any
 
 import trio
 
+from ..chunks import INLINE_LIMIT, READ_CHUNK
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from .cas import CAS, INLINE_LIMIT, READ_CHUNK, Lease, Pins, Writer
-from .digest import Digest
+from ..model.digest import Digest
+from .cas import CAS, Lease, Pins, Writer
 
 __all__ = ["MemoryCAS"]
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..chunks import bytes_chunks
 from ..errors import BlobNotFound, ConnectionClosed, TriodeError, Unavailable
-from .cas import bytes_chunks
-from .digest import Digest
+from ..model.digest import Digest
 
 if TYPE_CHECKING:
     from ..client import Client

@@ -15,21 +15,20 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
-from . import __version__
-from .client import Client, client_config, open_client
-from .errors import InvalidArgument, TriodeError
-from .wire.connection import Connection, ConnectionConfig, IncomingCall, open_connection
-from .wire.router import Router
-from .wire.transport import format_address, parse_address
+from .. import __version__
+from ..client import Client, client_config, open_client
+from ..errors import TriodeError
+from ..wire.connection import Connection, ConnectionConfig, IncomingCall, open_connection
+from ..wire.router import Router
 
-__all__ = ["NodeConfig", "Node", "Part", "PartFactory", "open_node"]
+__all__ = ["NodeConfig", "Node", "Part", "PartFactory"]
 
 log = logging.getLogger("triode.node")
 
@@ -96,26 +95,6 @@ class Part(Protocol):
 
 
 PartFactory = Callable[["Node"], AbstractAsyncContextManager[Part]]
-
-
-def _load_parts() -> list[PartFactory]:
-    """The parts a node is made of, in start order (storage, engine, tools, sched).
-
-    Each is opened with the node and may use the parts opened before it
-    (``node.parts[name]``). Imported here, not at the top, so that the parts may
-    import this module's types without a cycle.
-    """
-    factories: list[PartFactory] = []
-    from .storage.part import open_storage
-    factories.append(open_storage)
-    from .engine.part import open_engine
-    factories.append(open_engine)
-    from .engine.tools.service import tools_part
-
-    factories.append(tools_part)
-    from .sched.service import open_sched
-    factories.append(open_sched)  # last: it routes execute through admission control
-    return factories
 
 
 class Node:
@@ -237,81 +216,3 @@ class Node:
         with trio.move_on_after(self.config.shutdown_grace):
             for conn in list(self._connections):
                 await conn.wait_idle()
-
-
-@asynccontextmanager
-async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIterator[Node]:
-    """Start a node; leaving the block shuts it down gracefully and joins everything it started.
-
-    Pass a :class:`NodeConfig`, or its fields as keywords:
-    ``open_node(listen="127.0.0.1:0", data=Path("/var/lib/triode"))``.
-    """
-    if config is None:
-        config = NodeConfig(**options)
-    elif options:
-        config = replace(config, **options)
-    tls = _server_ssl_context(config)  # once, up front: a bad file fails here, not per connection
-    # Any exception (a part failing to start, or the caller's own from the block) is held
-    # and raised again outside the nurseries, so it reaches the caller as itself rather than
-    # wrapped in ExceptionGroups. The caller's is held until every part is closed normally.
-    raised: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        node = Node(config, nursery)
-        node._tls = tls
-        try:
-            async with AsyncExitStack() as parts:
-                for factory in _load_parts():
-                    part = await parts.enter_async_context(factory(node))
-                    node.parts[part.name] = part
-                # Connections live in a nursery of their own, closed before the parts are,
-                # so no handler is still running when storage or the engine shuts down.
-                async with trio.open_nursery() as serving:
-                    node._serving = serving
-                    accept_scope = trio.CancelScope()
-                    if config.listen is not None:
-                        listeners = await _listen(config.listen)
-                        sockname = listeners[0].socket.getsockname()
-                        node.address = format_address(sockname[0], sockname[1])
-                        serving.start_soon(_accept_all, node, listeners, accept_scope)
-                    try:
-                        yield node
-                    except BaseException as exc:
-                        raised = exc
-                    else:
-                        accept_scope.cancel()
-                        await node._drain()
-                    serving.cancel_scope.cancel()
-        except BaseException as exc:
-            raised = exc
-        finally:
-            nursery.cancel_scope.cancel()
-    if raised is not None:
-        raise raised
-
-
-def _server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
-    if config.tls_cert is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidArgument(
-            f"cannot load the TLS certificate {config.tls_cert} and key {config.tls_key}: {exc}"
-        ) from None
-    return ctx
-
-
-async def _listen(address: str) -> list[trio.SocketListener]:
-    host, port = parse_address(address)
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise InvalidArgument(f"cannot listen on {address}: {exc.strerror or exc}") from None
-
-
-async def _accept_all(node: Node, listeners: list[trio.SocketListener], scope: trio.CancelScope) -> None:
-    with scope:
-        async with trio.open_nursery() as accepting:
-            for listener in listeners:
-                accepting.start_soon(node._accept, listener)

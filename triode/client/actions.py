@@ -17,13 +17,13 @@ from typing import Any
 
 import trio
 
+from ..chunks import hash_file_sync
+from ..engine.executor import ExecuteOutcome
 from ..errors import InvalidArgument, InvalidPath
-from ..storage.cas import hash_file_sync
-from ..storage.digest import Digest
+from ..model.action import Action, Input
+from ..model.digest import Digest
+from ..model.paths import check_link_target, check_relative, inside, resolve_inside
 from ..wire.connection import Connection
-from .action import Action, Input
-from .execute import ExecuteOutcome
-from .paths import check_link_target, check_relative, inside, resolve_inside
 
 __all__ = ["execute", "LocalInputs", "scan_inputs", "upload_inputs", "write_outputs"]
 

@@ -23,8 +23,15 @@ from typing import Any
 
 import trio
 
-from ...errors import Cancelled, DeadlineExceeded, ResourceExhausted, RuntimeMissing, ToolError, TriodeError
-from ...nursery import open_service_nursery
+from ..concurrency import open_service_nursery
+from ..errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ResourceExhausted,
+    RuntimeMissing,
+    ToolError,
+    TriodeError,
+)
 from .runtimes import find_runtime
 from .validation import (
     encode_input,

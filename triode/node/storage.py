@@ -1,41 +1,134 @@
-"""The ``cas.*`` and ``ac.*`` wire methods: thin handlers over a CAS and an action cache.
+"""The storage part of a node: its CAS and action cache, their wire methods, their janitor.
 
-Each handler checks its arguments (a typed error naming what is wrong), then calls
-the store. Streams: ``cas.put`` reads the upload and answers as soon as it can (at
-once when the blob is already stored); ``cas.get`` streams the blob. Both speak
-``identity`` or ``zstd`` (see :mod:`triode.storage.framing`). Described in full in
-docs/protocol.md, "Methods: cas" and "Methods: ac".
+``node.parts["storage"]`` has ``.cas`` (a :class:`DiskCAS` when the node has a data
+dir, else a :class:`MemoryCAS`) and ``.ac``. Background work (sweeping stale
+partial uploads, scanning the store, evicting past the high watermark, the link to
+a backing node) runs in a nursery this part owns, so it ends with the node.
+
+The ``cas.*`` and ``ac.*`` wire methods are thin handlers over the two stores: each
+checks its arguments (a typed error naming what is wrong), then calls the store.
+Streams: ``cas.put`` reads the upload and answers as soon as it can (at once when the
+blob is already stored); ``cas.get`` streams the blob. Both speak ``identity`` or
+``zstd`` (see :mod:`triode.wire.framing`). Described in full in docs/protocol.md,
+"Methods: cas" and "Methods: ac".
 """
+
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import InvalidArgument, TooLarge, TriodeError
+from ..model.digest import Digest
+from ..storage.ac import ActionCache
+from ..storage.cas import CAS
+from ..storage.disk import DiskCAS
+from ..storage.memory import MemoryCAS
+from ..storage.tier import Backing
 from ..wire.connection import IncomingCall
+from ..wire.framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding, check_level
 from ..wire.router import Router
-from .ac import ActionCache
-from .cas import CAS, INLINE_LIMIT
-from .digest import Digest
-from .framing import IDENTITY, RAW_CHUNK, ZSTD, Decoder, Encoder, check_encoding, check_level
+from ..wire.transfer import BATCH_BYTES, DECODE_BATCH, ENCODE_LANES, decode, pump
 
-__all__ = ["register", "MAX_DIGESTS", "BATCH_BYTES", "DECODE_BATCH", "Upload", "decode", "encode", "pump"]
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["StoragePart", "open_storage", "DEFAULT_MEMORY_LIMIT", "SWEEP_INTERVAL"]
+
+log = logging.getLogger("triode.storage")
+
+#: What a node without a data dir (or a cache size) keeps in memory.
+DEFAULT_MEMORY_LIMIT = 1024**3
+#: How long a starting node waits for its backing node before serving without it.
+BACKING_START_WAIT = 3.0
+#: Each attempt to reach the backing node gives up after this long.
+BACKING_CONNECT_TIMEOUT = 3.0
+#: Seconds the janitor waits after an eviction failed (a disk error) before trying again.
+JANITOR_RETRY = 5.0
+#: How often stale partial uploads are looked for.
+SWEEP_INTERVAL = 30.0
+
+
+class StoragePart:
+    name = "storage"
+
+    def __init__(self, cas: CAS, ac: ActionCache) -> None:
+        self.cas = cas
+        self.ac = ac
+        self.link: Any = None  # the backing link, when there is one
+
+    def info(self) -> dict[str, Any]:
+        return {"cas": self.cas.info(), "ac": self.ac.info()}
+
+
+async def _sweep_uploads(cas: CAS) -> None:
+    while True:
+        await trio.sleep(SWEEP_INTERVAL)
+        cas.uploads.sweep()
+
+
+async def _janitor(cas: DiskCAS) -> None:
+    """Index the store, then evict down to the low watermark whenever it passes the high one."""
+    try:
+        await cas.scan()
+    except OSError as exc:  # the index then covers what this run stores and touches
+        log.error("indexing %s failed: %s; eviction sees only blobs used since start", cas.root, exc)
+    while True:
+        await cas.wait_over_high_watermark()
+        try:
+            await cas.evict()
+        except OSError as exc:  # keep serving; writes past the limit are refused meanwhile
+            log.error("eviction in %s failed: %s; retrying", cas.root, exc)
+            await trio.sleep(JANITOR_RETRY)
+        await trio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def open_storage(node: Node) -> AsyncIterator[StoragePart]:
+    config = node.config
+    cas: CAS
+    if config.data is not None:
+        cas = DiskCAS(config.data, limit=config.cache_size)
+        ac = ActionCache(cas, config.data / "ac")
+    else:
+        cas = MemoryCAS(limit=config.cache_size or DEFAULT_MEMORY_LIMIT)
+        ac = ActionCache(cas)
+    part = StoragePart(cas, ac)
+    register(node.router, cas, ac)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sweep_uploads, cas)
+            if isinstance(cas, DiskCAS):
+                nursery.start_soon(_janitor, cas)
+            if config.backing is not None:
+                from ..client import connect
+
+                backing = Backing(
+                    config.backing,
+                    lambda: connect(config.backing, token=config.token, ssl_context=node.client_ssl_context(),
+                                    connect_timeout=BACKING_CONNECT_TIMEOUT),
+                    nursery,
+                )
+                cas.backing = ac.backing = part.link = backing
+                nursery.start_soon(backing.run)
+                with trio.move_on_after(BACKING_START_WAIT):  # start serving either way
+                    await backing.wait_connected()
+            yield part
+            nursery.cancel_scope.cancel()
+    finally:
+        ac.close()
+        with trio.CancelScope(shield=True):
+            await cas.aclose()
+
 
 #: Digests in one ``cas.find_missing`` or ``cas.batch_read`` call.
 MAX_DIGESTS = 100_000
-#: Bytes of blob data in one ``cas.batch_read`` answer or ``cas.batch_update`` call.
-BATCH_BYTES = 4 * 1024 * 1024
-#: Received zstd framing decoded per worker-thread hop (at most).
-DECODE_BATCH = 1024 * 1024
-#: Worker threads compressing one transfer at once. Compression is the slow end of a zstd
-#: transfer (the far side only decompresses, several times faster), so a node with spare
-#: cores sends sooner; on the 2-core benchmark machine, with both cores busy, it measured
-#: the same as one lane.
-ENCODE_LANES = 2
 
 
 def _args(call: IncomingCall, *required: str) -> dict[str, Any]:
@@ -93,77 +186,6 @@ class Upload:
                 raise StopAsyncIteration
             self._ready.extend(await decode(self._decoder, framed))
         return self._ready.popleft()
-
-
-async def decode(decoder: Decoder, framed: list[bytes]) -> list[bytes]:
-    """Raw bytes of received zstd framing: everything in one worker-thread hop when large."""
-    if sum(map(len, framed)) > INLINE_LIMIT:
-        return await trio.to_thread.run_sync(decoder.feed_all, framed)
-    return decoder.feed_all(framed)
-
-
-async def encode(encoder: Encoder, chunk: bytes | memoryview) -> list[bytes]:
-    """Frame (and compress) a chunk: in worker threads when it is large, one per lane of
-    the encoder, each compressing its share of the chunk's frames."""
-    if len(chunk) <= INLINE_LIMIT:
-        return encoder.encode(chunk)
-    view = memoryview(chunk).cast("B")
-    frames = -(-len(view) // RAW_CHUNK)
-    lanes = min(encoder.lanes, frames)
-    if lanes == 1:
-        return await trio.to_thread.run_sync(encoder.encode, view)
-    per_lane = -(-frames // lanes) * RAW_CHUNK
-    parts: list[list[bytes]] = [[] for _ in range(lanes)]
-
-    async def one(lane: int) -> None:
-        piece = view[lane * per_lane : (lane + 1) * per_lane]
-        parts[lane] = await trio.to_thread.run_sync(encoder.encode, piece, lane)
-
-    async with trio.open_nursery() as nursery:
-        for lane in range(1, lanes):
-            nursery.start_soon(one, lane)
-        await one(0)
-    return [frame for part in parts for frame in part]
-
-
-async def pump(
-    chunks: AsyncIterable[bytes | memoryview],
-    encoder: Encoder | None,
-    send: Callable[[bytes | memoryview], Awaitable[bool | None]],
-    *,
-    ahead: int = 2,
-) -> int:
-    """Send ``chunks`` (compressed by ``encoder`` if any), preparing the next while one is sent.
-
-    Reading (a thread hop for a file) and compressing (another) overlap with sending,
-    with at most ``ahead`` prepared chunks held. Stops early, cancelling the reader,
-    when ``send`` returns False (the far side answered). Returns the raw bytes sent.
-    """
-    sent = 0
-    tx, rx = trio.open_memory_channel[tuple[int, list[bytes | memoryview]]](ahead)
-
-    async def prepare() -> None:
-        async with tx:
-            async for chunk in chunks:
-                pieces = [chunk] if encoder is None else await encode(encoder, chunk)
-                await tx.send((len(chunk), pieces))
-
-    stopped = False
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(prepare)
-            async for size, pieces in rx:
-                for piece in pieces:
-                    if await send(piece) is False:
-                        stopped = True
-                        break
-                if stopped:
-                    nursery.cancel_scope.cancel()
-                    break
-                sent += size
-    finally:
-        rx.close()
-    return sent
 
 
 def _encoding(call: IncomingCall, args: dict[str, Any]) -> str:

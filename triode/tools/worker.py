@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from ...errors import (
+from ..errors import (
     Cancelled,
     DeadlineExceeded,
     ProcessExit,

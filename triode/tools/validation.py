@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidArgument, InvalidPath, TooLarge
+from ..errors import InvalidArgument, InvalidPath, TooLarge
 
 __all__ = [
     "TOOL_ID",

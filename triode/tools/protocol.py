@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import OutputTooLarge, ProtocolError
+from ..errors import OutputTooLarge, ProtocolError
 
 __all__ = [
     "HEADER",

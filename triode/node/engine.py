@@ -1,21 +1,27 @@
-"""The engine part of a node: an :class:`Executor` over the node's storage, serving ``execute``."""
+"""The engine part of a node: an :class:`Executor` over the node's storage, serving ``engine.execute``.
+
+The handler is thin on purpose: the scheduler (``triode.node.sched``) serves ``execute``
+with admission control in front of the same call.
+"""
+
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .action import Action
-from .execute import EngineConfig, ExecuteOutcome, Executor
-from .service import execute_handler
-from .workdir import WorkDirs, temporary_base
+from ..engine.executor import EngineConfig, ExecuteOutcome, Executor
+from ..engine.workdir import WorkDirs, temporary_base
+from ..errors import InvalidArgument
+from ..model.action import Action, parse_wire_action
+from ..wire.connection import IncomingCall
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 __all__ = ["EnginePart", "open_engine"]
 
@@ -71,3 +77,29 @@ async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIt
         finally:
             workdirs.close()
 
+
+ExecuteFn = Callable[..., Awaitable[ExecuteOutcome]]
+
+
+def parse_execute_args(args: Any) -> tuple[Action, bool]:
+    """``{"action": {...}, "skip_cache": bool}`` to an Action and the flag, or InvalidArgument."""
+    if not isinstance(args, dict) or "action" not in args:
+        raise InvalidArgument("execute takes {action: {...}, skip_cache: bool}")
+    unknown = set(args) - {"action", "skip_cache"}
+    if unknown:
+        raise InvalidArgument(f"execute got unknown arguments: {', '.join(sorted(map(str, unknown)))}")
+    skip_cache = args.get("skip_cache", False)
+    if not isinstance(skip_cache, bool):
+        raise InvalidArgument(f"execute skip_cache must be a bool, got {skip_cache!r}")
+    return parse_wire_action(args["action"]), skip_cache
+
+
+def execute_handler(execute: ExecuteFn) -> Callable[[IncomingCall], Awaitable[dict[str, Any]]]:
+    """The wire handler for ``execute``, calling ``execute(action, skip_cache=...)``."""
+
+    async def handle(call: IncomingCall) -> dict[str, Any]:
+        action, skip_cache = parse_execute_args(call.args)
+        outcome = await execute(action, skip_cache=skip_cache)
+        return outcome.to_wire()
+
+    return handle

@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ..concurrency import open_service_nursery
 from ..errors import BlobNotFound, FailedPrecondition, InvalidArgument
-from ..nursery import open_service_nursery
-from ..storage.digest import Digest
+from ..model.digest import Digest
+from ..sched.cluster import Cluster
+from ..sched.job import Job
+from ..sched.metrics import Registry, numeric_leaves
+from ..sched.operations import Operation, State
+from ..sched.scheduler import Scheduler, outcome_or_raise
 from ..wire.connection import Connection, IncomingCall
-from .cluster import Cluster
 from .http import serve_metrics
-from .job import Job
-from .metrics import Registry, numeric_leaves
-from .operations import Operation, State
-from .scheduler import Scheduler, outcome_or_raise
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 __all__ = ["SchedPart", "open_sched", "job_from_args", "EngineExecutor"]
 
@@ -41,7 +41,7 @@ MAX_LIST = 10_000
 def job_from_args(args: Any, *, forwarded_from: str | None = None) -> tuple[Job, int]:
     """The job and priority an ``execute`` call asks for: the engine's arguments
     (validated by the engine's own parser) plus an optional ``priority``."""
-    from ..engine.service import parse_execute_args
+    from .engine import parse_execute_args
 
     if not isinstance(args, dict):
         raise InvalidArgument("execute takes {action: {...}, skip_cache?: bool, priority?: int}")
@@ -97,7 +97,7 @@ PUSH_BATCH = 4 * 1024 * 1024
 async def push_inputs_from(node: Node, conn: Connection, job: Job) -> None:
     """Before forwarding: upload the inputs the peer lacks from our CAS. A peer that shares
     our backing node finds them there, so it lacks nothing and nothing is sent."""
-    from ..storage.remote import RemoteCAS
+    from ..client.cas import RemoteCAS
 
     storage = node.parts.get("storage")
     local = getattr(storage, "cas", None)

@@ -13,16 +13,17 @@ from typing import Any
 
 import trio
 
-from .engine import client as _engine_client
-from .engine.action import Action
-from .engine.client import LocalInputs
-from .engine.execute import ExecuteOutcome
-from .engine.tools.client import ToolsClient
-from .errors import Unavailable
-from .sched.client import Operations
-from .storage.remote import RemoteActionCache, RemoteCAS
-from .wire.connection import Connection, ConnectionConfig, open_connection
-from .wire.transport import open_stream
+from ..engine.executor import ExecuteOutcome
+from ..errors import Unavailable
+from ..model.action import Action
+from ..wire.connection import Connection, ConnectionConfig, open_connection
+from ..wire.transport import open_stream
+from . import actions as _engine_client
+from .ac import RemoteActionCache
+from .actions import LocalInputs
+from .cas import RemoteCAS
+from .operations import Operations
+from .tools import ToolsClient
 
 __all__ = ["Client", "connect", "open_client"]
 

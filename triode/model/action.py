@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from ..errors import InvalidArgument, InvalidDigest, InvalidPath
-from ..storage.digest import Digest
+from .digest import Digest
 from .paths import check_relative, parents
 
 __all__ = ["Action", "Input", "ACTION_VERSION", "parse_wire_action"]

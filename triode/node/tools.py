@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from ...errors import InvalidArgument
-from ...wire.connection import IncomingCall
-from .pool import ToolPool, ToolPoolConfig, open_tool_pool
+from ..errors import InvalidArgument
+from ..tools.pool import ToolPool, ToolPoolConfig, open_tool_pool
+from ..wire.connection import IncomingCall
 
 if TYPE_CHECKING:
-    from ...node import Node
+    from .node import Node
 
-__all__ = ["ToolsPart", "tools_part", "pool_config_from_env"]
+__all__ = ["ToolsPart", "open_tools", "pool_config_from_env"]
 
 
 def pool_config_from_env() -> ToolPoolConfig:
@@ -80,7 +80,7 @@ class ToolsPart:
 
 
 @asynccontextmanager
-async def tools_part(node: Node) -> AsyncIterator[ToolsPart]:
+async def open_tools(node: Node) -> AsyncIterator[ToolsPart]:
     """The node part: its pool closes (every worker stopped) when the node does."""
     async with open_tool_pool(pool_config_from_env()) as pool:
         part = ToolsPart(pool)

@@ -30,3 +30,14 @@ async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
             nursery.cancel_scope.cancel()
     if raised is not None:
         raise raised
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error that matters in a group from a two-task pipeline: the real failure, if
+    any (the other task was only cancelled because of it), else the Cancelled itself."""
+    cancelled, others = group.split(trio.Cancelled)
+    source = others if others is not None else cancelled
+    while isinstance(source, BaseExceptionGroup):
+        source = source.exceptions[0]
+    assert source is not None
+    return source

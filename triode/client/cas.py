@@ -1,4 +1,4 @@
-"""The CAS and action cache of a node, through a connection: ``client.cas``, ``client.ac``.
+"""The CAS of a node, through a connection: ``client.cas``.
 
 Same API as the local stores. Small blobs travel in unary batch calls, large ones as
 streams; ``compression="zstd"`` asks the node to speak zstd for streamed transfers
@@ -17,15 +17,15 @@ from typing import Any
 
 import trio
 
+from ..chunks import bytes_chunks, collect, digest_of, file_chunks, hash_file, write_chunks
+from ..concurrency import open_service_nursery, single_error
 from ..errors import BlobNotFound, FailedPrecondition, TooLarge, TriodeError, from_wire
-from ..nursery import open_service_nursery
+from ..model.digest import Digest, Hasher
 from ..wire.connection import Connection, OutgoingCall
-from .cas import _single, bytes_chunks, collect, digest_of, file_chunks, hash_file, write_chunks
-from .digest import Digest, Hasher
-from .framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding
-from .service import BATCH_BYTES, DECODE_BATCH, ENCODE_LANES, decode, pump
+from ..wire.framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding
+from ..wire.transfer import BATCH_BYTES, DECODE_BATCH, ENCODE_LANES, decode, pump
 
-__all__ = ["RemoteCAS", "RemoteActionCache"]
+__all__ = ["RemoteCAS"]
 
 #: Digests per ``cas.find_missing`` call (the node takes up to 100,000; this keeps frames small).
 FIND_MISSING_BATCH = 20_000
@@ -266,7 +266,7 @@ async def _send_all(
     try:
         await pump(chunks, encoder, call.send)
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise single_error(group) from None
 
 
 class _Download:
@@ -421,17 +421,3 @@ class _Coalescer:
         finally:
             self._calls -= 1
             self._pass_turn()
-
-
-class RemoteActionCache:
-    """A node's action cache, over one connection: ``client.ac``."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    async def get(self, action_digest: Digest) -> dict[str, Any] | None:
-        reply = await self.connection.call("ac.get", {"action_digest": action_digest.to_wire()})
-        return reply["result"]
-
-    async def update(self, action_digest: Digest, result: dict[str, Any]) -> None:
-        await self.connection.call("ac.update", {"action_digest": action_digest.to_wire(), "result": result})

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ...wire.connection import Connection
+from ..wire.connection import Connection
 
 __all__ = ["ToolsClient"]
 

@@ -16,7 +16,7 @@ from ..wire.transport import format_address, parse_address
 
 __all__ = ["serve_metrics", "MAX_HEAD", "CONTENT_TYPE"]
 
-log = logging.getLogger("triode.sched.http")
+log = logging.getLogger("triode.node.http")
 
 MAX_HEAD = 8 * 1024
 HEAD_TIMEOUT = 5.0

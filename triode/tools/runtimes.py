@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import RuntimeMissing
+from ..errors import RuntimeMissing
 from .validation import validate_runtime
 
 __all__ = ["Runtime", "find_runtime", "js_homes", "HARNESS", "HOW_TO_GET"]
@@ -35,7 +35,7 @@ def js_homes() -> list[Path]:
     homes = []
     if os.environ.get("TRIODE_JS_HOME"):
         homes.append(Path(os.environ["TRIODE_JS_HOME"]))
-    homes.append(Path(__file__).resolve().parents[3] / ".triode-js")  # a source checkout
+    homes.append(Path(__file__).resolve().parents[2] / ".triode-js")  # a source checkout
     homes.append(Path.cwd() / ".triode-js")
     triode_home = os.environ.get("TRIODE_HOME")
     homes.append((Path(triode_home) if triode_home else Path.home() / ".cache" / "triode") / "js")

@@ -19,9 +19,9 @@ import msgpack
 import trio
 
 from ..errors import InvalidArgument, OutputTooLarge, TriodeError
+from ..model.action import Action
+from ..model.digest import EMPTY, Digest
 from ..storage.ac import referenced_blobs
-from ..storage.digest import EMPTY, Digest
-from .action import Action
 from .outputs import scan_outputs
 from .runner import DEFAULT_GRACE, DEFAULT_OUTPUT_CAP, Capture, run_process
 from .staging import INLINE_FILES, link_policy, maybe_in_thread, stage_inputs, tampered

@@ -1,0 +1,10 @@
+"""The client layer: a node's services over the wire, as typed Python objects.
+
+``Client`` (``client``) holds one connection and one face per service: ``cas``,
+``ac``, ``operations`` and ``tools``; ``actions`` uploads inputs, executes and writes
+outputs back. It imports only the wire and the shared model, never a node's core.
+"""
+
+from .client import Client, client_config, connect, open_client
+
+__all__ = ["Client", "client_config", "connect", "open_client"]
