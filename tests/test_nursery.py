@@ -29,10 +29,11 @@ async def test_background_failure_is_a_group() -> None:
 
 
 async def test_outer_cancel_passes_through() -> None:
-    with trio.move_on_after(0.01) as scope:
-        async with open_service_nursery() as nursery:
-            nursery.start_soon(trio.sleep_forever)
-            await trio.sleep_forever()
+    async with no_leaks():
+        with trio.move_on_after(0.01) as scope:
+            async with open_service_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                await trio.sleep_forever()
     assert scope.cancelled_caught
 
 

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import *  # noqa: F403
 from .errors import __all__ as _errors_all
-
-__version__ = "0.1.0"
+from .version import __version__
 
 #: Public name -> the module that defines it.
 _LAZY = {
@@ -28,6 +27,14 @@ _LAZY = {
     "Digest": "triode.model.digest",
     "Action": "triode.model.action",
     "Input": "triode.model.action",
+    "ActionResult": "triode.model.result",
+    "CapturedStream": "triode.model.result",
+    "OutputFile": "triode.model.result",
+    "OutputDirectory": "triode.model.result",
+    "OutputSymlink": "triode.model.result",
+    "Timings": "triode.model.result",
+    "ExecuteOutcome": "triode.model.result",
+    "ExecuteRequest": "triode.model.result",
 }
 
 __all__ = ["__version__", *_LAZY, *_errors_all]
@@ -36,6 +43,16 @@ if TYPE_CHECKING:
     from .client import Client, connect  # noqa: F401
     from .model.action import Action, Input  # noqa: F401
     from .model.digest import Digest  # noqa: F401
+    from .model.result import (  # noqa: F401
+        ActionResult,
+        CapturedStream,
+        ExecuteOutcome,
+        ExecuteRequest,
+        OutputDirectory,
+        OutputFile,
+        OutputSymlink,
+        Timings,
+    )
     from .node import Node, NodeConfig, open_node  # noqa: F401
 
 

@@ -1,4 +1,9 @@
-"""A nursery that a context manager can yield from without wrapping its caller's errors."""
+"""The trio idioms Triode repeats, in one place: nurseries that do not wrap their caller's
+errors, and the rules for reading one error out of an exception group.
+
+With strict exception groups, everything that leaves a nursery is a group. Callers want
+the one error that says what went wrong, and each rule below says which one that is.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-__all__ = ["open_service_nursery"]
+__all__ = ["open_service_nursery", "single_error", "sole_exception", "only_cancelled"]
 
 
 @asynccontextmanager
@@ -36,8 +41,25 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
     """The one error that matters in a group from a two-task pipeline: the real failure, if
     any (the other task was only cancelled because of it), else the Cancelled itself."""
     cancelled, others = group.split(trio.Cancelled)
-    source = others if others is not None else cancelled
+    source: BaseException | None = others if others is not None else cancelled
     while isinstance(source, BaseExceptionGroup):
         source = source.exceptions[0]
     assert source is not None
     return source
+
+
+def sole_exception(exc: BaseException) -> BaseException | None:
+    """The exception a group of one (however deeply nested) wraps, or None when the group
+    holds several: one failure is shown as itself, several stay a group."""
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+def only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's Cancelled, alone or as all there is in a (nested) group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)

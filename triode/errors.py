@@ -17,6 +17,7 @@ __all__ = [
     "IncompatibleVersion",
     "ConnectionClosed",
     "AuthenticationFailed",
+    "EncodeError",
     "InvalidArgument",
     "InvalidDigest",
     "InvalidPath",
@@ -69,6 +70,11 @@ class TriodeError(Exception):
     def to_wire(self) -> tuple[str, str, dict[str, Any]]:
         return self.code, self.message, self.details
 
+    def copy(self) -> TriodeError:
+        """A fresh instance of the same error, for each of many waiters on one failure:
+        one exception object raised in several tasks tangles their tracebacks."""
+        return type(self)(self.message, **self.details)
+
     def __reduce__(self) -> Any:  # picklable, so it can cross trio.to_thread and processes
         return (_rebuild, (type(self), self.message, self.details))
 
@@ -118,6 +124,17 @@ class ConnectionClosed(TriodeError):
 
 class AuthenticationFailed(TriodeError):
     code = "UNAUTHENTICATED"
+
+
+class EncodeError(TriodeError):
+    """This side cannot encode a message: a value msgpack cannot hold (a set, an object,
+    an int over 64 bits) was handed to the wire by a caller or returned by a handler.
+
+    Raised locally, never because of bytes from the peer: unlike ProtocolError it says
+    nothing about the connection, which stays up. It has no wire code of its own (never
+    registered, so no peer can make us raise it); the call it broke fails with
+    INVALID_ARGUMENT (arguments) or INTERNAL_ERROR (a result) instead.
+    """
 
 
 # -- bad input ---------------------------------------------------------------------------

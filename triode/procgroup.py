@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 
 import trio
 
-__all__ = ["open_process_group", "stop_group", "group_alive", "proc_stats", "ProcStat", "KILL_WAIT"]
+__all__ = [
+    "open_process_group", "stop_group", "kill_group", "group_alive", "proc_stats", "ProcStat", "KILL_WAIT",
+]
 
 #: How long we wait for a SIGKILLed group to disappear before giving up on it. A
 #: process in uninterruptible sleep (D state) can outlive SIGKILL for a while; we
@@ -71,7 +73,8 @@ def group_alive(pgid: int) -> bool:
     return bool(_members(pgid))
 
 
-def _killpg(pgid: int, sig: int) -> None:
+def kill_group(pgid: int, sig: int) -> None:
+    """Signal every process of the group; one that is already gone is not an error."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -93,11 +96,11 @@ async def stop_group(proc: trio.Process, grace: float) -> None:
     pgid = proc.pid
     if group_alive(pgid):
         if grace > 0:
-            _killpg(pgid, signal.SIGTERM)
+            kill_group(pgid, signal.SIGTERM)
             with trio.move_on_after(grace):
                 await _wait_group_gone(pgid)
         if group_alive(pgid):
-            _killpg(pgid, signal.SIGKILL)
+            kill_group(pgid, signal.SIGKILL)
             with trio.move_on_after(KILL_WAIT):
                 await _wait_group_gone(pgid)
     if proc.returncode is None:

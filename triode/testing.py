@@ -1,10 +1,11 @@
 """Test helpers that check the structured-concurrency guarantee: nothing outlives its block.
 
 Use :func:`no_leaks` around anything that starts tasks, opens files or sockets, or
-spawns processes. On the way out it asserts that every task, file descriptor and
-child process that appeared inside the block is gone. Resources are given a short
-grace period to go, since the kernel closes some things (zombies being reaped by a
-watcher, sockets in TIME_WAIT are not fds) a moment after the code that ended them.
+spawns processes. On the way out, however the block ends (an exception included), it
+asserts that every task, file descriptor and child process that appeared inside the
+block is gone. Resources are given a short grace period to go, since the kernel closes
+some things (zombies being reaped by a watcher, sockets in TIME_WAIT are not fds) a
+moment after the code that ended them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .concurrency import only_cancelled
 from .procgroup import proc_stats
 
 __all__ = ["Snapshot", "snapshot", "no_leaks", "child_processes", "open_fds", "live_tasks"]
@@ -87,19 +89,46 @@ def snapshot() -> Snapshot:
     return Snapshot(live_tasks(), open_fds(), child_processes())
 
 
+async def _leaks_after(before: Snapshot, grace: float) -> list[str]:
+    """What is still there of what appeared since ``before``, after up to ``grace`` seconds.
+
+    Shielded: a block left by cancellation is checked all the same (the wait is bounded).
+    """
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(grace):
+            while snapshot().leaks_since(before):  # noqa: ASYNC110 - the kernel has no event for "fd closed"
+                await trio.sleep(0.02)
+    return snapshot().leaks_since(before)
+
+
 @asynccontextmanager
 async def no_leaks(grace: float = 2.0) -> AsyncIterator[None]:
-    """Assert that whatever the block started is gone when it ends.
+    """Assert that whatever the block started is gone when it ends, however it ends.
 
     Only things that appeared inside the block count; the calling task and anything
     that existed before are ignored. Waits up to ``grace`` seconds for the kernel to
     catch up before failing with a list of what leaked.
+
+    The check also runs when the block raises. The block's own exception then goes on
+    as itself, with the leak report attached as a note (``__notes__``), so the error that
+    explains the failure is not hidden by its consequence. The one exception is a block
+    left by cancellation alone: a ``Cancelled`` is absorbed by the scope that cancelled
+    it, and a note on it would never be seen, so the leak report is raised instead (an
+    ``AssertionError`` whose ``__cause__`` is the ``Cancelled``).
     """
     before = snapshot()
-    yield
-    with trio.move_on_after(grace):
-        while snapshot().leaks_since(before):  # noqa: ASYNC110 - the kernel has no event for "fd closed"
-            await trio.sleep(0.02)
-    problems = snapshot().leaks_since(before)
+    try:
+        yield
+    except GeneratorExit:
+        raise  # the generator is being closed, not a block ending: nothing to check against
+    except BaseException as exc:
+        problems = await _leaks_after(before, grace)
+        if problems:
+            report = "leaked: " + "; ".join(problems)
+            if only_cancelled(exc):
+                raise AssertionError(report + " (the block was cancelled)") from exc
+            exc.add_note(f"triode.testing.no_leaks: {report}")
+        raise
+    problems = await _leaks_after(before, grace)
     if problems:
         raise AssertionError("leaked: " + "; ".join(problems))

@@ -131,8 +131,8 @@ def staging(b: Bench) -> None:
 
     def subject() -> float:
         async def main() -> float:
-            outcome = await executor.execute(action, skip_cache=True)
-            return outcome.result["timings"]["staging"] / files * 1e6
+            outcome = await executor.run_action(action)
+            return outcome.result.timings.staging / files * 1e6
 
         return trio.run(main)
 

@@ -21,8 +21,11 @@ from triode.procgroup import open_process_group
 from triode.testing import no_leaks
 
 #: Runs ``triode`` with one extra part serving ``test.sleep`` (sleep ARGS seconds, then
-#: answer "slept"), so a test can have a call in flight when it signals the node.
+#: answer "slept") and ``test.hold`` (answer "released" once the file named by ARGS
+#: exists), so a test can have a call in flight when it signals the node. Each says on
+#: stderr when it has started, so the test knows the call is in flight without guessing.
 WITH_SLEEP_METHOD = """
+import os
 import sys
 from contextlib import asynccontextmanager
 import trio
@@ -36,9 +39,18 @@ class Part:
 @asynccontextmanager
 async def sleep_part(node):
     async def sleep(call):
+        print(f"test.sleep {call.args}: started", file=sys.stderr, flush=True)
         await trio.sleep(call.args)
         return "slept"
+
+    async def hold(call):
+        print("test.hold: started", file=sys.stderr, flush=True)
+        while not os.path.exists(call.args):
+            await trio.sleep(0.02)
+        return "released"
+
     node.router.add("test.sleep", sleep)
+    node.router.add("test.hold", hold)
     yield Part()
 
 triode.node.compose.PARTS = (*triode.node.compose.PARTS, sleep_part)
@@ -96,6 +108,13 @@ async def wait_exit(proc: trio.Process, within: float = 30) -> int:
         return await proc.wait()
 
 
+async def wait_said(node: RunningNode, line: bytes, within: float = 30) -> None:
+    """Until the node has written ``line`` to its stderr (read by the drain task)."""
+    with trio.fail_after(within):
+        while line not in node.stderr:  # noqa: ASYNC110 - another process's output, polled
+            await trio.sleep(0.02)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 async def test_node_serves_and_exits_0_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
     async with no_leaks(), triode_node(tmp_path) as node:
@@ -110,18 +129,20 @@ async def test_node_serves_and_exits_0_on_signal(tmp_path: Path, sig: signal.Sig
 
 
 async def test_sigterm_lets_the_call_in_flight_finish(tmp_path: Path) -> None:
-    async with no_leaks(), triode_node(tmp_path, sleep_method=True) as node:
+    release = tmp_path / "release"
+    # A grace far longer than any wait below: the call in flight ends when the test says.
+    async with no_leaks(), triode_node(tmp_path, "--shutdown-grace", "120", sleep_method=True) as node:
         async with triode.connect(node.address) as client, trio.open_nursery() as nursery:
             answer: list[str] = []
 
             async def call() -> None:
-                answer.append(await client.connection.call("test.sleep", 4))
+                answer.append(await client.connection.call("test.hold", str(release)))
 
             nursery.start_soon(call)
-            await trio.sleep(0.5)
+            await wait_said(node, b"test.hold: started")
             node.proc.send_signal(signal.SIGTERM)
             # The node refuses new work while it drains (once its GOODBYE has arrived) ...
-            with trio.fail_after(3):
+            with trio.fail_after(30):
                 while True:
                     try:
                         await client.connection.call("test.sleep", 0)
@@ -130,8 +151,9 @@ async def test_sigterm_lets_the_call_in_flight_finish(tmp_path: Path) -> None:
                         break
                     await trio.sleep(0.05)
             assert not answer
+            await trio.Path(release).touch()
         # ... and the call that was running got its answer.
-        assert answer == ["slept"]
+        assert answer == ["released"]
         assert await wait_exit(node.proc) == 0
 
 
@@ -143,7 +165,7 @@ async def test_shutdown_grace_bounds_the_wait(tmp_path: Path) -> None:
                     await client.connection.call("test.sleep", 600)
 
             nursery.start_soon(call)
-            await trio.sleep(0.5)
+            await wait_said(node, b"test.sleep 600: started")
             node.proc.send_signal(signal.SIGINT)
         assert await wait_exit(node.proc, within=20) == 0
 

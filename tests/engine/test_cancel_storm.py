@@ -41,7 +41,7 @@ async def test_thousand_random_cancellations_leak_nothing(tmp_path: Path) -> Non
         took = []
         for i in range(5):
             start = trio.current_time()
-            await rig.executor.execute(action_for(-1 - i))
+            await rig.executor.lookup_or_run(action_for(-1 - i))
             took.append(trio.current_time() - start)
         window = 1.5 * sorted(took)[2]
         await eventually(lambda: rig.executor.info()["cache_writes_pending"] == 0, 2)
@@ -50,7 +50,7 @@ async def test_thousand_random_cancellations_leak_nothing(tmp_path: Path) -> Non
         outcomes = {"cancelled": 0, "finished": 0}
         for i in range(N):
             with trio.move_on_after(rng.uniform(0, window)) as scope:
-                await rig.executor.execute(action_for(i))
+                await rig.executor.lookup_or_run(action_for(i))
             outcomes["cancelled" if scope.cancelled_caught else "finished"] += 1
         # Counted one by one, so a failure says which kind leaked.
         await eventually(lambda: not snapshot().leaks_since(before), 2)

@@ -10,6 +10,7 @@ import pytest
 from triode.errors import InvalidPath, MissingInputs
 from triode.model.action import Action, Input
 from triode.model.digest import Digest
+from triode.model.result import ActionResult, OutputSymlink
 
 from .conftest import Rig
 
@@ -28,32 +29,35 @@ async def test_inputs_in_outputs_out(rig: Rig) -> None:
         inputs={"src/a.txt": Input(data)},
         outputs=("out", "missing.txt"),
     )
-    outcome = await rig.executor.execute(action)
+    outcome = await rig.executor.lookup_or_run(action)
     r = outcome.result
-    assert not outcome.cached and r["exit_code"] == 0 and r["signal"] is None and not r["timed_out"]
-    assert await rig.cas.get(Digest.from_wire(r["stdout"]["digest"])) == b"made\n"
-    files = {f["path"]: f for f in r["output_files"]}
+    assert not outcome.cached and r.exit_code == 0 and r.signal is None and not r.timed_out
+    assert await rig.cas.get(r.stdout.digest) == b"made\n"
+    files = {f.path: f for f in r.output_files}
     assert set(files) == {"out/sub/b.txt", "out/tool"}
-    assert await rig.cas.get(Digest.from_wire(files["out/sub/b.txt"]["digest"])) == b"HELLO\n"
-    assert files["out/tool"]["executable"] and not files["out/sub/b.txt"]["executable"]
-    assert r["output_symlinks"] == [{"path": "out/link", "target": "sub/b.txt"}]
-    assert {d["path"] for d in r["output_directories"]} == {"out", "out/sub", "out/empty"}
-    assert r["missing_outputs"] == ["missing.txt"]
-    assert r["node"] == "node-test"
-    assert set(r["timings"]) == {"queued", "staging", "running", "uploading"}
+    assert await rig.cas.get(files["out/sub/b.txt"].digest) == b"HELLO\n"
+    assert files["out/tool"].executable and not files["out/sub/b.txt"].executable
+    assert r.output_symlinks == (OutputSymlink("out/link", "sub/b.txt"),)
+    assert {d.path for d in r.output_directories} == {"out", "out/sub", "out/empty"}
+    assert r.missing_outputs == ("missing.txt",)
+    assert r.node == "node-test"
+    assert r.timings.running > 0 and r.timings.queued == 0
+    # What the executor built is what the wire and the action cache carry, field for field.
+    assert ActionResult.from_wire(r.to_wire()) == r
+    assert await rig.ac.get(action.digest()) == r  # (no write-behind task here: written at once)
 
 
 async def test_same_action_twice_second_is_a_hit_that_runs_nothing(rig: Rig, tmp_path: Path) -> None:
     counter = tmp_path / "runs"
     action = sh(f"echo ran >> {counter}; echo result")
-    first = await rig.executor.execute(action)
-    second = await rig.executor.execute(action)
+    first = await rig.executor.lookup_or_run(action)
+    second = await rig.executor.lookup_or_run(action)
     assert not first.cached and second.cached
     assert second.result == first.result
     assert counter.read_text() == "ran\n"
     assert rig.executor.counters["executed"] == 1 and rig.executor.counters["cache_hits"] == 1
     # skip_cache runs it again.
-    third = await rig.executor.execute(action, skip_cache=True)
+    third = await rig.executor.lookup_or_run(action, skip_cache=True)
     assert not third.cached and counter.read_text() == "ran\nran\n"
 
 
@@ -66,13 +70,13 @@ async def test_not_cached(rig: Rig, tmp_path: Path, fields: dict) -> None:
     counter = tmp_path / "runs"
     fields = dict(fields)
     action = sh(f"echo ran >> {counter}; {fields.pop('script')}", **fields)
-    first = await rig.executor.execute(action)
-    second = await rig.executor.execute(action)
+    first = await rig.executor.lookup_or_run(action)
+    second = await rig.executor.lookup_or_run(action)
     assert not first.cached and not second.cached
     assert counter.read_text() == "ran\nran\n"
     assert rig.executor.counters["cache_writes"] == 0
     if "timeout" in fields:
-        assert first.timed_out and first.result["signal"] is not None
+        assert first.timed_out and first.result.signal is not None
 
 
 async def test_changed_input_changes_digest() -> None:
@@ -87,7 +91,7 @@ async def test_changed_input_changes_digest() -> None:
 async def test_missing_inputs_are_named(rig: Rig) -> None:
     absent = Digest.of(b"never uploaded")
     with pytest.raises(MissingInputs) as info:
-        await rig.executor.execute(Action(("true",), inputs={"a": Input(absent)}))
+        await rig.executor.lookup_or_run(Action(("true",), inputs={"a": Input(absent)}))
     assert info.value.details["missing"] == [str(absent)]
 
 
@@ -106,14 +110,14 @@ async def test_escaping_input_and_output_paths_refused(bad: str) -> None:
 
 async def test_output_through_a_symlink_out_of_the_root_refused(rig: Rig) -> None:
     with pytest.raises(InvalidPath) as info:
-        await rig.executor.execute(sh("ln -s /etc escape", outputs=("escape/passwd",)))
+        await rig.executor.lookup_or_run(sh("ln -s /etc escape", outputs=("escape/passwd",)))
     assert "escape/passwd" in str(info.value)
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "../../outside", "a/../../../x"])
 async def test_output_symlink_pointing_out_refused(rig: Rig, target: str) -> None:
     with pytest.raises(InvalidPath) as info:
-        await rig.executor.execute(sh(f"mkdir -p d && ln -s {target} d/link", outputs=("d",)))
+        await rig.executor.lookup_or_run(sh(f"mkdir -p d && ln -s {target} d/link", outputs=("d",)))
     assert "d/link" in str(info.value)
 
 
@@ -126,8 +130,8 @@ async def test_inputs_are_hard_linked_read_only_and_executables_get_a_copy(rig: 
         "stat -c '%i %a' a.txt; stat -c '%i %a' tool.sh; ./tool.sh",
         inputs={"a.txt": Input(plain), "tool.sh": Input(script, True)},
     )
-    r = (await rig.executor.execute(action)).result
-    lines = (await rig.cas.get(Digest.from_wire(r["stdout"]["digest"]))).decode().splitlines()
+    r = (await rig.executor.lookup_or_run(action)).result
+    lines = (await rig.cas.get(r.stdout.digest)).decode().splitlines()
     a_ino, a_mode = lines[0].split()
     t_ino, t_mode = lines[1].split()
     assert int(a_ino) == os.stat(stored).st_ino and a_mode == "444"
@@ -142,8 +146,8 @@ async def test_an_action_that_writes_through_its_hard_link_is_not_cached(rig: Ri
     blob = await rig.cas.put(b"precious\n")
     # chmod first: the action owns its inputs' inode (root would not even need to).
     action = sh("chmod u+w a.txt && echo corrupted >> a.txt", inputs={"a.txt": Input(blob)})
-    outcome = await rig.executor.execute(action)
-    assert outcome.result["exit_code"] == 0
+    outcome = await rig.executor.lookup_or_run(action)
+    assert outcome.exit_code == 0
     assert rig.executor.counters["cache_writes"] == 0 and rig.executor.counters["inputs_altered"] == 1
     assert rig.cas.path_of(blob) is None  # the damaged file is no longer served
 
@@ -155,7 +159,7 @@ async def test_copied_inputs_keep_the_store_intact(tmp_path: Path) -> None:
     try:
         blob = await rig.cas.put(b"precious\n")
         action = sh("chmod u+w a.txt && echo corrupted >> a.txt", inputs={"a.txt": Input(blob)})
-        assert (await rig.executor.execute(action)).result["exit_code"] == 0
+        assert (await rig.executor.lookup_or_run(action)).exit_code == 0
         assert rig.executor.counters["inputs_copied"] == 1 and rig.executor.counters["inputs_altered"] == 0
         assert await rig.cas.get(blob) == b"precious\n"
         assert rig.executor.counters["cache_writes"] == 1
@@ -170,10 +174,10 @@ async def test_by_default_even_root_cannot_write_to_a_linked_input(tmp_path: Pat
     try:
         blob = await rig.cas.put(b"precious\n")
         action = sh("echo corrupted >> a.txt", inputs={"a.txt": Input(blob)})
-        outcome = await rig.executor.execute(action)
+        outcome = await rig.executor.lookup_or_run(action)
         if rig.executor.counters["inputs_linked"] == 0:
             pytest.skip("this root node copies inputs (no setpriv)")
-        assert outcome.result["exit_code"] != 0  # EACCES, for root too
+        assert outcome.exit_code != 0  # EACCES, for root too
         assert await rig.cas.get(blob) == b"precious\n"
     finally:
         rig.close()
@@ -181,29 +185,29 @@ async def test_by_default_even_root_cannot_write_to_a_linked_input(tmp_path: Pat
 
 async def test_non_utf8_output_and_cwd(rig: Rig) -> None:
     action = sh("pwd | grep -o 'deep/dir$'; printf '\\377\\376\\000'", cwd="deep/dir")
-    r = (await rig.executor.execute(action)).result
-    out = await rig.cas.get(Digest.from_wire(r["stdout"]["digest"]))
+    r = (await rig.executor.lookup_or_run(action)).result
+    out = await rig.cas.get(r.stdout.digest)
     assert out == b"deep/dir\n\xff\xfe\x00"
 
 
 async def test_output_over_the_cap_is_truncated_and_stored(rig: Rig) -> None:
     # The rig caps at 1 MiB; 3 MiB goes out, the head is kept (spilled to the work dir).
-    r = (await rig.executor.execute(sh("head -c 3145728 /dev/zero; echo done >&2"))).result
-    assert r["stdout"]["truncated"] and not r["stderr"]["truncated"]
-    assert Digest.from_wire(r["stdout"]["digest"]) == Digest.of(bytes(1024 * 1024))
+    r = (await rig.executor.lookup_or_run(sh("head -c 3145728 /dev/zero; echo done >&2"))).result
+    assert r.stdout.truncated and not r.stderr.truncated
+    assert r.stdout.digest == Digest.of(bytes(1024 * 1024))
 
 
 async def test_clean_environment(rig: Rig) -> None:
     os.environ["TRIODE_NODE_SECRET"] = "s3cret"
     try:
-        r = (await rig.executor.execute(Action(("/usr/bin/env",), env={"ONLY": "this"}))).result
+        r = (await rig.executor.lookup_or_run(Action(("/usr/bin/env",), env={"ONLY": "this"}))).result
     finally:
         del os.environ["TRIODE_NODE_SECRET"]
-    assert await rig.cas.get(Digest.from_wire(r["stdout"]["digest"])) == b"ONLY=this\n"
+    assert await rig.cas.get(r.stdout.digest) == b"ONLY=this\n"
 
 
 async def test_work_dir_removed_even_when_the_action_locks_it_down(rig: Rig) -> None:
-    await rig.executor.execute(sh("mkdir -p a/b && touch a/b/f && chmod 000 a/b && chmod 500 a"))
+    await rig.executor.lookup_or_run(sh("mkdir -p a/b && touch a/b/f && chmod 000 a/b && chmod 500 a"))
     assert rig.workdirs.count() == 0
 
 
@@ -231,4 +235,4 @@ async def test_a_result_too_large_for_a_frame_is_refused(rig: Rig) -> None:
     deep = "/".join(["d" * 200] * 18)  # ~3.6 KB per path, ~1,200 files: over 4 MiB encoded
     script = f"mkdir -p out/{deep} && cd out/{deep} && for i in $(seq 1 1200); do : > f$i; done"
     with pytest.raises(OutputTooLarge):
-        await rig.executor.execute(sh(script, outputs=("out",)))
+        await rig.executor.lookup_or_run(sh(script, outputs=("out",)))

@@ -11,6 +11,7 @@ import triode
 from triode.errors import InvalidArgument, InvalidPath, MissingInputs
 from triode.model.action import Action
 from triode.model.digest import Digest
+from triode.model.result import ExecuteOutcome
 
 from .conftest import eventually
 from .test_runner import _procs_with, _unique_sleep
@@ -32,8 +33,9 @@ async def test_execute_uploaded_inputs_and_hit(
                     outputs=("out.txt",))
     first = await client.execute(action)
     assert first.exit_code == 0 and not first.cached
-    [out] = first.result["output_files"]
-    assert await client.cas.get(Digest.from_wire(out["digest"])) == b"alpha\nalpha\n"
+    [out] = first.result.output_files
+    assert out.path == "out.txt" and not out.executable
+    assert await client.cas.get(out.digest) == b"alpha\nalpha\n"
     second = await client.execute(action)
     assert second.cached and second.result == first.result
     assert node.parts["engine"].info()["executed"] == 1
@@ -46,9 +48,27 @@ async def test_bad_requests_get_typed_errors(client: triode.Client) -> None:
         await client.connection.call("execute", {"action": {"argv": ["true"], "outputs": ["../x"]}})
     with pytest.raises(InvalidArgument):
         await client.connection.call("execute", {"action": {"argv": ["true"]}, "skip_cache": "yes"})
+    with pytest.raises(InvalidArgument, match="unknown arguments: priority"):  # unqueued: no priority
+        await client.connection.call("engine.execute", {"action": {"argv": ["true"]}, "priority": 1})
+    with pytest.raises(InvalidArgument, match="unknown arguments: origin"):  # sched.forward's alone
+        await client.connection.call("execute", {"action": {"argv": ["true"]}, "origin": "n"})
     with pytest.raises(MissingInputs):
         await client.execute(Action(("true",), inputs={"x": Digest.of(b"nowhere")}))
     assert await client.ping() >= 0  # and the node goes on serving
+
+
+async def test_every_execute_method_answers_one_outcome(client: triode.Client, node: triode.Node) -> None:
+    args = {"action": Action(("true",), env={"T": "aliases"}).to_wire()}
+    unqueued = await client.connection.call("engine.execute", args)
+    assert set(unqueued) == {"action_digest", "cached", "result"} and not unqueued["cached"]
+    first = ExecuteOutcome.from_wire(unqueued)
+    for method in ("execute", "sched.execute"):  # one handler: admission, then the same executor
+        reply = await client.connection.call(method, args)
+        assert set(reply) == {"action_digest", "cached", "result", "operation"}
+        assert reply["cached"] and reply["operation"].startswith(f"{node.id}/")
+        expected = ExecuteOutcome(first.action_digest, True, first.result, operation=reply["operation"])
+        assert ExecuteOutcome.from_wire(reply) == expected
+    assert node.parts["engine"].info()["executed"] == 1
 
 
 async def test_cancelling_the_caller_kills_the_process_on_the_node(client: triode.Client) -> None:
@@ -84,10 +104,10 @@ async def test_cache_writes_behind_the_answer_go_in_batches(tmp_path: Path) -> N
         ac.update_many = held_first
         async with trio.open_nursery() as nursery:
             for action in actions:
-                nursery.start_soon(engine.execute, action)
+                nursery.start_soon(engine.executor.lookup_or_run, action)
         # Every caller has its answer already; the results wait in memory.
         assert engine.info()["cache_writes_pending"] == len(actions)
-        assert all([(await engine.execute(a)).cached for a in actions])
+        assert all([(await engine.executor.lookup_or_run(a)).cached for a in actions])
         release.set()
         assert await eventually(lambda: engine.info()["cache_writes_pending"] == 0, 10)
         assert sum(batches) == len(actions) and len(batches) <= 2
@@ -99,9 +119,9 @@ async def test_cache_writes_behind_the_answer_are_drained_on_close(tmp_path: Pat
     async with triode.open_node(listen=None, data=tmp_path / "d") as node:
         engine = node.parts["engine"]
         for action in actions:
-            assert not (await engine.execute(action)).cached
+            assert not (await engine.executor.lookup_or_run(action)).cached
         # Served from memory or from the cache, whichever the write has reached.
-        assert all([(await engine.execute(a)).cached for a in actions])
+        assert all([(await engine.executor.lookup_or_run(a)).cached for a in actions])
     async with triode.open_node(listen=None, data=tmp_path / "d") as node:
         ac = node.parts["storage"].ac
         assert all([await ac.get(a.digest()) is not None for a in actions])

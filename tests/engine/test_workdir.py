@@ -16,6 +16,22 @@ from triode.engine.workdir import READY, STAMP_SLACK_NS, WorkDirs, scratch_of
 from .conftest import eventually
 
 
+def _fs_clock_past(where: Path, ns: int, within: float = 10.0) -> None:
+    """Until the file system stamps a change in ``where`` later than ``ns`` (its clock is
+    coarse and lags the real one): a change made after this cannot carry a stamp of ``ns``
+    or before. Polled, with a bound far past any clock tick, instead of sleeping a guess."""
+    probe = where / "clock-probe"
+    probe.touch()
+    try:
+        deadline = time.monotonic() + within
+        while os.stat(probe).st_ctime_ns <= ns:
+            assert time.monotonic() < deadline, f"the file system clock did not pass {ns} in {within}s"
+            time.sleep(0.005)
+            os.utime(probe)  # a change now: stamped with the file system's clock
+    finally:
+        probe.unlink()
+
+
 def test_dirs_being_made_ahead_are_not_leaks(tmp_path: Path) -> None:
     dirs = WorkDirs(tmp_path, "node")
     dirs.open()
@@ -72,7 +88,8 @@ def test_only_a_dir_left_as_it_was_is_taken_back(tmp_path: Path, stamped: bool) 
     changes = ("file", "mode", "scratch", "subdir", "xattr")
     try:
         made = WorkDirs._make([dirs.root / uuid.uuid4().hex for _ in range(1 + len(changes))])
-        time.sleep(2 * STAMP_SLACK_NS / 1e9)  # handed out well after they were made, as most are
+        # Handed out well after they were made, as most are (and changed after that).
+        _fs_clock_past(tmp_path, max(stamp[4] for _, stamp in made) + 2 * STAMP_SLACK_NS)
         handed_out = time.time_ns()
         (untouched, stamp), *rest = made
         assert dirs._reuse(untouched, stamp if stamped else None, handed_out)
@@ -118,7 +135,7 @@ def test_an_unchanged_stamp_spares_the_listing_only_when_it_is_old_enough(
         assert dirs._stamps[path] == stamp
         # Emptied again after a file came and went: the stamp moved, so it is listed again.
         dirs._ready.remove(path)
-        time.sleep(2 * STAMP_SLACK_NS / 1e9)  # past the clock tick of the last change
+        _fs_clock_past(tmp_path, stamp[4])  # past the clock tick of the last change
         (path / "tmp").write_text("x")
         (path / "tmp").unlink()
         assert dirs._reuse(path, stamp, stamp[4] + 2 * STAMP_SLACK_NS)

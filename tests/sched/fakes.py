@@ -8,6 +8,8 @@ from typing import Any
 import trio
 
 from triode.errors import TriodeError
+from triode.model.digest import Digest
+from triode.model.result import ActionResult, ExecuteOutcome
 from triode.sched.job import Job, NotAccepted, PeerLost
 
 
@@ -15,11 +17,16 @@ def job(key: str, *, dedup: bool = True, skip_cache: bool = False, action: Any =
     return Job(key=key, action=action, wire={"key": key}, skip_cache=skip_cache, dedup=dedup)
 
 
+def outcome(key: str, *, node: str = "fake", cached: bool = False) -> ExecuteOutcome:
+    """What running the job ``key`` gives (its action digest is the digest of the key)."""
+    return ExecuteOutcome(Digest.of(key.encode()), cached, ActionResult(0, node=node))
+
+
 class FakeExecutor:
     """Runs a job by waiting for its gate (``release(key)``), or ``job.action`` seconds."""
 
     def __init__(self) -> None:
-        self.cache: dict[str, dict[str, Any]] = {}
+        self.cache: dict[str, ExecuteOutcome] = {}
         self.started: Counter[str] = Counter()
         self.finished: Counter[str] = Counter()
         self.cancelled: Counter[str] = Counter()
@@ -37,12 +44,12 @@ class FakeExecutor:
     def release(self, key: str) -> None:
         self.gate(key).set()
 
-    async def lookup(self, job: Job) -> dict[str, Any] | None:
+    async def lookup(self, job: Job) -> ExecuteOutcome | None:
         self.lookups += 1
         await trio.lowlevel.checkpoint()
         return self.cache.get(job.key)
 
-    async def run(self, job: Job, *, queued: float = 0.0) -> dict[str, Any]:
+    async def run(self, job: Job, *, queued: float = 0.0) -> ExecuteOutcome:
         self.started[job.key] += 1
         self.order.append(job.key)
         self.running += 1
@@ -57,7 +64,7 @@ class FakeExecutor:
             if job.key in self.fail:
                 raise self.fail[job.key]
             self.finished[job.key] += 1
-            return {"action_digest": job.key, "cached": False, "result": {"exit_code": 0, "node": "fake"}}
+            return outcome(job.key)
         except trio.Cancelled:
             self.cancelled[job.key] += 1
             raise
@@ -74,7 +81,7 @@ class FakePlacement:
 
     def __init__(self, free: dict[str, int]) -> None:
         self.free = dict(free)
-        self.behaviour: dict[str, str] = {}  # "ok" | "refuse" | "lose"
+        self.behaviour: dict[str, str] = {}  # "ok" | "refuse" | "lose" | "garbage"
         self.forwarded: Counter[str] = Counter()
         self.gates: dict[str, trio.Event] = {}
 
@@ -89,6 +96,7 @@ class FakePlacement:
         return sum(self.free.values())
 
     async def forward(self, peer: str, job: Job, accepted) -> dict[str, Any]:
+        """As a cluster's: the peer's reply as it came off the wire."""
         try:
             how = self.behaviour.get(peer, "ok")
             await trio.lowlevel.checkpoint()
@@ -101,7 +109,10 @@ class FakePlacement:
                 self.free[peer] = 0
                 raise PeerLost(peer, "connection closed")
             await self.gates.setdefault(job.key, trio.Event()).wait()
-            return {"action_digest": job.key, "cached": False, "result": {"exit_code": 0, "node": peer}}
+            if how == "garbage":
+                return {"action_digest": Digest.of(job.key.encode()).to_wire(), "cached": False,
+                        "result": {"exit_code": "0"}}
+            return outcome(job.key, node=peer).to_wire()
         finally:
             if self.behaviour.get(peer, "ok") == "ok":
                 self.free[peer] += 1

@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from triode.errors import Cancelled, NotFound, ResourceExhausted, TriodeError
+from triode.model.digest import Digest
+from triode.model.result import ActionResult, ExecuteOutcome
 from triode.sched.operations import OperationTable, State
+
+
+def outcome(exit_code: int = 0, *, cached: bool = False) -> ExecuteOutcome:
+    return ExecuteOutcome(Digest.of(b"action"), cached, ActionResult(exit_code, node="n"))
 
 
 def test_priority_then_first_come_first_served():
@@ -72,12 +78,12 @@ def test_retention_is_bounded_in_time_and_count():
     for i in range(5):
         op, _ = t.admit(str(i), now=i)
         t.take(i)
-        t.complete(op, outcome={"i": i}, now=i)
+        t.complete(op, outcome=outcome(i), now=i)
         ops.append(op)
     assert t.retained == 3
     with pytest.raises(NotFound):
         t.get(ops[0].name)
-    assert t.get(ops[4].name).outcome == {"i": 4}
+    assert t.get(ops[4].name).outcome == outcome(4)
     t.expire(now=13.5)  # ops 2 and 3 finished at 2 and 3: past 10 s
     assert [op.name for op in t] == [ops[4].name]
     t.check()
@@ -85,19 +91,31 @@ def test_retention_is_bounded_in_time_and_count():
 
 def test_cache_hit_is_completed_and_never_queued():
     t = OperationTable(node="n", limit=0)
-    op = t.record_completed("k", {"cached": True}, now=0)
+    op = t.record_completed("k", outcome(cached=True), now=0)
     assert op.state is State.COMPLETED and t.queued == 0 and t.inflight("k") is None
     assert t.get(op.name) is op
     t.check()
+
+
+def test_the_wire_map_holds_the_outcome_as_execute_answers_it():
+    t = OperationTable(node="n", limit=10)
+    op = t.record_completed("k", outcome(cached=True), now=0)
+    wire = op.to_wire()
+    assert wire["outcome"] == {
+        "action_digest": Digest.of(b"action").to_wire(), "cached": True,
+        "result": ActionResult(0, node="n").to_wire(),
+    }
+    assert ExecuteOutcome.from_wire(wire["outcome"]) == op.outcome
+    assert "error" not in wire
 
 
 def test_complete_twice_keeps_the_first():
     t = OperationTable(node="n", limit=10)
     op, _ = t.admit("a", now=0)
     t.take(0)
-    t.complete(op, outcome={"x": 1}, now=1)
+    t.complete(op, outcome=outcome(1), now=1)
     t.complete(op, error=TriodeError("late"), now=2)
-    assert op.outcome == {"x": 1} and op.error is None
+    assert op.outcome == outcome(1) and op.error is None
     t.check()
 
 
@@ -150,7 +168,7 @@ class TableMachine(RuleBasedStateMachine):
         if fail:
             self.t.complete(op, error=TriodeError("boom"), now=self.now)
         else:
-            self.t.complete(op, outcome={"ok": True}, now=self.now)
+            self.t.complete(op, outcome=outcome(), now=self.now)
         assert op.done
 
     @precondition(lambda self: any(op.state is State.QUEUED for op in self.t))
@@ -161,7 +179,7 @@ class TableMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from("xyz"))
     def cache_hit(self, key):
-        self.t.record_completed(key, {"cached": True}, now=self.now)
+        self.t.record_completed(key, outcome(cached=True), now=self.now)
 
     @rule(dt=st.floats(0, 1000))
     def time_passes(self, dt):

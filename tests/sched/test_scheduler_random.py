@@ -49,7 +49,7 @@ async def _run(steps, capacity, queue, peers):
     async def waiter(key, priority, scope, answer):
         with scope:
             try:
-                op = await sched.execute(job(key), priority=priority)
+                op = await sched.admit_and_wait(job(key), priority=priority)
                 answer.append(op.state)
             except Exception as exc:  # ResourceExhausted when full
                 answer.append(type(exc).__name__)
@@ -74,7 +74,7 @@ async def _run(steps, capacity, queue, peers):
                     _, key, priority, detached = step
                     if detached:
                         try:
-                            ops.append(await sched.submit(job(key), priority=priority, detached=True))
+                            ops.append(await sched.admit(job(key), priority=priority, detached=True))
                         except Exception:
                             pass
                     else:

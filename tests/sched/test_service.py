@@ -13,7 +13,6 @@ import triode
 from triode.cli.status import render
 from triode.errors import InvalidArgument, NotFound
 from triode.model.action import Action, Input
-from triode.model.digest import Digest
 from triode.procgroup import open_process_group
 from triode.testing import no_leaks
 
@@ -48,9 +47,9 @@ async def test_forwarded_action_gets_its_inputs_through_the_forwarding_node(tmp_
                         timeout=30)
         with trio.fail_after(30):
             outcome = await ca.operations.execute(action)
-        result = outcome["result"]
-        assert result["exit_code"] == 0 and result["node"] == b.id
-        assert await cb.cas.get(Digest.from_wire(result["stdout"]["digest"])) == data
+        result = outcome.result
+        assert result.exit_code == 0 and result.node == b.id
+        assert await cb.cas.get(result.stdout.digest) == data
         assert await cb.cas.find_missing([digest, big_digest]) == []
         info = (await ca.status())["sched"]
         assert info["counters"]["forwarded"] == 1
@@ -101,9 +100,9 @@ async def test_bad_requests_get_typed_errors_and_the_node_keeps_serving(node, cl
     with pytest.raises(InvalidArgument):
         await client.connection.call("execute", {"action": {"argv": []}, "bogus": 1})
     outcome = await client.operations.execute(Action(argv=("true",)), priority=5)
-    assert outcome["result"]["exit_code"] == 0
+    assert outcome.exit_code == 0
     listed = await client.operations.list("completed")
-    assert [op["name"] for op in listed] == [outcome["operation"]]
+    assert [op["name"] for op in listed] == [outcome.operation]
 
 
 async def test_execute_goes_through_admission_and_cache_hits_take_no_slot(node, client):
@@ -162,4 +161,4 @@ async def test_an_unreachable_seed_is_suspect_then_dead_and_the_node_still_close
 
         await wait_for(dead, within=20, every=0.1)
         outcome = await client.operations.execute(Action(argv=("true",)))  # runs locally meanwhile
-        assert outcome["result"]["exit_code"] == 0
+        assert outcome.exit_code == 0

@@ -11,6 +11,7 @@ import trio
 import triode
 from triode.errors import BlobNotFound, Unavailable
 from triode.model.digest import Digest
+from triode.model.result import ActionResult, CapturedStream
 from triode.testing import no_leaks
 
 MiB = 1024 * 1024
@@ -45,12 +46,12 @@ async def test_write_through_and_read_through(tmp_path) -> None:
             assert _cas(front).path_of(only_back) is not None  # and kept
             # The action cache is tiered too.
             action = Digest.of(b"action")
-            result = {"exit_code": 0, "stdout": {"digest": Digest.of(big).to_wire(), "truncated": False}}
+            result = ActionResult(0, stdout=CapturedStream(Digest.of(big)))
             await client.ac.update(action, result)
-            assert (await direct.ac.get(action))["stdout"]["digest"] == Digest.of(big).to_wire()
+            assert (await direct.ac.get(action)) == result
             other = Digest.of(b"other action")
-            await direct.ac.update(other, {"exit_code": 3})
-            assert (await client.ac.get(other))["exit_code"] == 3
+            await direct.ac.update(other, ActionResult(3))
+            assert (await client.ac.get(other)).exit_code == 3
 
 
 @pytest.mark.parametrize("size", [20_000, 8 * MiB])

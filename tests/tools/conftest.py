@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,12 +17,27 @@ JS = FIXTURES / "tools.mjs"
 TS = FIXTURES / "tools.ts"
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as CI services set it; ``1`` counts too)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
 @pytest.fixture(params=["bun", "node"])
 def runtime(request: pytest.FixtureRequest) -> str:
-    """Each test runs under bun and under node; bun comes from scripts/setup-js (.triode-js/)."""
+    """Each test runs under bun and under node; bun comes from scripts/setup-js (.triode-js/).
+
+    A runtime that is missing skips its tests on a developer's machine, but fails them
+    under CI: there a skip would pass the run with the tools never tested.
+    """
     try:
         find_runtime(request.param)
     except RuntimeMissing as exc:
+        if in_ci():
+            pytest.fail(
+                f"{request.param} is not installed and CI={os.environ['CI']}: the tools tests must run "
+                f"in CI ({exc}); install Node.js 20+ with npm and run scripts/setup",
+                pytrace=False,
+            )
         pytest.skip(f"{request.param} is not installed here ({exc}); run scripts/setup-js")
     return request.param
 

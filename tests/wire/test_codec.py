@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triode.errors import FrameTooLarge, ProtocolError
+from triode import errors
+from triode.errors import EncodeError, FrameTooLarge, ProtocolError, TriodeError
 from triode.wire import codec
 from triode.wire.codec import (
     CALL,
@@ -219,9 +220,49 @@ def test_trailing_bytes_inside_a_frame_are_a_protocol_error() -> None:
         decoder.next_message()
 
 
-def test_unencodable_message_is_refused_on_our_side() -> None:
-    with pytest.raises(ProtocolError, match="cannot encode"):
-        encode([REPLY, 1, object()])
+@pytest.mark.parametrize(
+    "value",
+    [
+        object(),
+        {1, 2},  # a set: the usual mistake
+        frozenset({"a"}),
+        2**64,  # over 64 bits
+        -(2**63) - 1,
+        "lone surrogate \ud800",
+        memoryview(b"abcdef")[::2],  # strided: no contiguous buffer to pack
+        {"deep": [{"inside": [object()]}]},
+    ],
+)
+def test_unencodable_values_are_an_encode_error_on_our_side(value: object) -> None:
+    """Our own bad value is EncodeError: a local bug, not the peer breaking the protocol."""
+    with pytest.raises(EncodeError, match="cannot encode") as info:
+        encode([REPLY, 1, value])
+    assert not isinstance(info.value, ProtocolError)
+    assert isinstance(info.value, TriodeError)
+
+
+def test_encode_error_has_no_wire_code_of_its_own() -> None:
+    """A peer cannot make us raise it: no code maps to it."""
+    assert "code" not in EncodeError.__dict__
+    assert type(errors.from_wire(EncodeError.code, "x")) is not EncodeError
+
+
+def test_a_failed_encode_leaves_the_packer_clean() -> None:
+    """The packer is shared: a value that fails half-way must not leak bytes into the next frame."""
+    with pytest.raises(EncodeError):
+        encode([REPLY, 1, ["x" * 100, b"y" * 100, {"k": object()}]])
+    assert encode([PING, 7]) == b"\x00\x00\x00\x03\x92\x08\x07"  # as in docs/protocol.md
+    decoder = Decoder()
+    decoder.receive_data(encode([REPLY, 2, ["ok"]]))
+    assert decoder.next_message() == [REPLY, 2, ["ok"]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(values, st.sampled_from([object(), {1}, 2**64]))
+def test_a_bad_value_anywhere_is_an_encode_error(good: object, bad: object) -> None:
+    with pytest.raises(EncodeError):
+        encode([REPLY, 1, [good, {"k": bad}]])
+    assert decode_all([encode([REPLY, 1, good])]) == [[REPLY, 1, good]]
 
 
 @pytest.mark.parametrize("body", [b"", b"\x90"])

@@ -265,6 +265,46 @@ async def test_unsendable_results_and_arguments_fail_only_that_call() -> None:
         assert await client.call("echo", 5) == 5
 
 
+class _Exploding(dict[str, Any]):
+    """A dict whose packing runs our code, which fails: not an encoding error as such."""
+
+    def items(self) -> Any:
+        raise RuntimeError("boom while packing")
+
+
+@pytest.mark.parametrize("value", [{1, 2}, 2**64, memoryview(b"abcdef")[::2], [{"deep": object()}]])
+async def test_a_value_msgpack_cannot_hold_fails_the_call_not_the_connection(value: Any) -> None:
+    """Our own unencodable value (an EncodeError, not a ProtocolError) never reaches the
+    peer as a broken frame: the handler's caller gets an error reply, a caller's own bad
+    arguments fail locally, and the connection serves on."""
+    async def returns(call: IncomingCall) -> Any:
+        return value
+
+    async def streams_then_returns(call: IncomingCall) -> Any:
+        await call.send(b"chunk")
+        return value
+
+    async def exploding(call: IncomingCall) -> Any:
+        return _Exploding(a=1)
+
+    handlers = table(returns=returns, streams_then_returns=streams_then_returns, exploding=exploding,
+                     echo=echo)
+    async with no_leaks(), pair(handlers) as (client, server):
+        with pytest.raises(errors.Internal, match="cannot be sent"):
+            await client.call("returns")
+        async with client.open_call("streams.then.returns") as call:
+            assert await call.receive() == b"chunk"
+            with pytest.raises(errors.Internal, match="cannot be sent"):
+                await call.result()
+        with pytest.raises(errors.Internal, match="boom while packing"):
+            await client.call("exploding")
+        with pytest.raises(errors.InvalidArgument, match="cannot be sent") as info:
+            await client.call("echo", value)
+        assert not isinstance(info.value, (errors.ProtocolError, errors.EncodeError))
+        assert await client.call("echo", "still fine") == "still fine"
+        assert not client.closed and not server.closed
+
+
 # -- streams ---------------------------------------------------------------------------
 
 
@@ -369,7 +409,7 @@ async def test_a_reader_that_never_reads_does_not_stall_other_calls(autojump_clo
             for i in range(10):
                 assert await client.call("echo", i) == i
             # Nothing beyond the window is buffered for the unread stream.
-            assert client._calls  # the stream is still open
+            assert client._proto.made  # the stream is still open
             assert server._out_bytes == 0
 
 
@@ -395,7 +435,7 @@ async def test_cancelled_caller_cancels_the_handler(autojump_clock: trio.abc.Clo
         with trio.fail_after(1):
             await cancelled.wait()
         await trio.sleep(0.1)
-        assert server.serving == 0 and not client._calls
+        assert server.serving == 0 and not client._proto.made
 
 
 async def test_leaving_a_stream_early_cancels_the_handler(autojump_clock: trio.abc.Clock) -> None:

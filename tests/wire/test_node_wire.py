@@ -113,14 +113,33 @@ async def test_node_info(client: triode.Client, node: triode.Node) -> None:
 
 
 async def test_many_clients_many_calls(node: triode.Node) -> None:
-    async def one_client() -> None:
+    """10 clients with 100 calls each in flight at once: every call answered, each with its own answer."""
+    served: list[tuple[int, int]] = []
+
+    async def echo(call: IncomingCall) -> Any:
+        served.append(tuple(call.args))
+        return call.args
+
+    node.router.add("test.echo", echo)
+    answers: dict[tuple[int, int], tuple[float, Any]] = {}
+
+    async def one_client(i: int) -> None:
         async with triode.connect(node.address) as c, trio.open_nursery() as nursery:
-            for _ in range(100):
-                nursery.start_soon(c.ping)
+
+            async def one_call(j: int) -> None:
+                rtt = await c.ping()
+                answers[i, j] = (rtt, await c.connection.call("test.echo", [i, j]))
+
+            for j in range(100):
+                nursery.start_soon(one_call, j)
 
     async with trio.open_nursery() as nursery:
-        for _ in range(10):
-            nursery.start_soon(one_client)
+        for i in range(10):
+            nursery.start_soon(one_client, i)
+    assert sorted(answers) == [(i, j) for i in range(10) for j in range(100)]
+    wrong = {key: got for key, got in answers.items() if not (got[0] >= 0 and got[1] == list(key))}
+    assert not wrong, f"answers that are not the call's own: {wrong}"
+    assert sorted(served) == sorted(answers)  # each served once
 
 
 # -- auth ------------------------------------------------------------------------------
@@ -184,33 +203,38 @@ async def test_tls(tmp_path, ca: trustme.CA) -> None:
 
 
 async def test_leaving_open_node_lets_calls_finish_then_cancels_the_rest(tmp_path) -> None:
-    finished: list[str] = []
+    finished: list[float] = []
+    running: set[float] = set()
+    both_running = trio.Event()
 
     async def sleepy(call: IncomingCall) -> str:
+        running.add(call.args)
+        if len(running) == 2:
+            both_running.set()
         await trio.sleep(call.args)
         finished.append(call.args)
         return "slept"
 
     outcomes: dict[float, Any] = {}
     async with no_leaks():
-        async with trio.open_nursery() as outer:
-            async with triode.open_node(listen="127.0.0.1:0", data=tmp_path, shutdown_grace=3.0) as node:
-                node.router.add("test.sleepy", sleepy)
-                started = trio.Event()
+        # Far past the 3 s grace, far short of the minute the long call would take: only
+        # a node that waits for that call out fails this (whatever the machine's load).
+        with trio.fail_after(40):
+            async with trio.open_nursery() as outer:
+                async with triode.open_node(listen="127.0.0.1:0", data=tmp_path, shutdown_grace=3.0) as node:
+                    node.router.add("test.sleepy", sleepy)
 
-                async def call(seconds: float) -> None:
-                    async with triode.connect(node.address) as c:
-                        started.set()
-                        try:
-                            outcomes[seconds] = await c.connection.call("test.sleepy", seconds)
-                        except errors.ConnectionClosed as exc:
-                            outcomes[seconds] = exc
+                    async def call(seconds: float) -> None:
+                        async with triode.connect(node.address) as c:
+                            try:
+                                outcomes[seconds] = await c.connection.call("test.sleepy", seconds)
+                            except errors.ConnectionClosed as exc:
+                                outcomes[seconds] = exc
 
-                outer.start_soon(call, 0.3)
-                outer.start_soon(call, 60.0)
-                await started.wait()
-                await trio.sleep(0.1)
-            # open_node returned: within the grace period, not after a minute.
+                    outer.start_soon(call, 0.3)
+                    outer.start_soon(call, 60.0)
+                    await both_running.wait()  # both calls are in their handlers: leave the node now
+                # open_node returned: within the grace period, not after a minute.
     assert outcomes[0.3] == "slept"
     assert isinstance(outcomes[60.0], errors.ConnectionClosed)
     assert finished == [0.3]

@@ -1,4 +1,4 @@
-"""``triode bench``: run the benchmark suite (the ``benchmarks`` package of this repo)."""
+"""``triode bench``: the benchmark suite (``benchmarks/`` in the repo, installed as ``triode_benchmarks``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="run benchmarks, each figure beside a baseline of the same run")
     p.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="names or area prefixes (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look")
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.harness import discover, run_workloads
+    from triode_benchmarks.harness import discover, run_workloads
 
     if args.list:
         for name, w in sorted(discover().items()):

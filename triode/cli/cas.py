@@ -20,7 +20,7 @@ def _digest(text: str) -> Digest:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cas", help="store and fetch blobs by digest")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import trio
 
+from ..concurrency import sole_exception
 from ..errors import TriodeError
 from ..node import NodeConfig, open_node
-from .common import parse_size, read_token
+from .common import default_home, parse_size, read_token
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("node", help="run a node")
     p.add_argument("--listen", metavar="ADDRESS", default="127.0.0.1:7420",
                    help="HOST:PORT to serve on; port 0 picks one (default 127.0.0.1:7420)")
@@ -39,8 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    from .common import default_home
-
     return NodeConfig(
         listen=args.listen,
         data=args.data or default_home(),
@@ -78,9 +77,7 @@ async def run(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         # A node that cannot start (address in use, bad TLS files) fails inside the
         # watcher's nursery; show the one error that says why, not a tree of tracebacks.
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
+        leaf = sole_exception(group)
         if isinstance(leaf, TriodeError):
             raise leaf from None
         raise

@@ -12,7 +12,7 @@ from ..errors import TriodeError
 from .common import read_token
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ping", help="round trip to a node")
     p.add_argument("address", metavar="ADDRESS", help="HOST:PORT of the node")
     p.add_argument("--token-file", metavar="FILE", help="file holding the node's shared secret")

@@ -23,6 +23,7 @@ from ..client.actions import write_outputs
 from ..errors import InvalidArgument, MissingInputs
 from ..model.action import Action
 from ..model.digest import Digest
+from ..model.result import ExecuteOutcome
 from .common import add_client_options, open_cli_client
 
 __all__ = ["register", "run", "DEFAULT_PATH", "TIMEOUT_EXIT"]
@@ -35,7 +36,7 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 TIMEOUT_EXIT = 124
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run a command as a cached action",
@@ -103,30 +104,29 @@ async def run(args: argparse.Namespace) -> int:
                 log.info("inputs went missing between upload and execute; uploading again")
         result = outcome.result
         if outcome.cached:
-            log.info("action %s: cache hit (it ran on %s)", outcome.action_digest, result["node"])
+            log.info("action %s: cache hit (it ran on %s)", outcome.action_digest, result.node)
         else:
-            log.info("action %s: ran on %s in %.3fs", outcome.action_digest, result["node"],
-                     result["timings"]["running"])
-        await _copy_blob(client.cas, result["stdout"]["digest"], sys.stdout)
-        await _copy_blob(client.cas, result["stderr"]["digest"], sys.stderr)
+            log.info("action %s: ran on %s in %.3fs", outcome.action_digest, result.node,
+                     result.timings.running)
+        await _copy_blob(client.cas, result.stdout.digest, sys.stdout)
+        await _copy_blob(client.cas, result.stderr.digest, sys.stderr)
         written = await write_outputs(client.cas, result, cwd)
-    for name in ("stdout", "stderr"):
-        if result[name]["truncated"]:
+    for name, captured in (("stdout", result.stdout), ("stderr", result.stderr)):
+        if captured.truncated:
             print(f"triode: the command's {name} was cut at the node's output cap", file=sys.stderr)
-    if result["missing_outputs"]:
-        print(f"triode: outputs not produced: {', '.join(result['missing_outputs'])}", file=sys.stderr)
-    if result["timed_out"]:
+    if result.missing_outputs:
+        print(f"triode: outputs not produced: {', '.join(result.missing_outputs)}", file=sys.stderr)
+    if result.timed_out:
         print(f"triode: the command timed out after {args.timeout}s and was killed", file=sys.stderr)
     if args.result_json is not None:
-        summary = _summary(outcome.action_digest, outcome.cached, result, written)
+        summary = _summary(outcome, written)
         args.result_json.write_text(json.dumps(summary, indent=2) + "\n")
-    if result["timed_out"]:
+    if result.timed_out:
         return TIMEOUT_EXIT
-    return int(result["exit_code"])
+    return result.exit_code
 
 
-async def _copy_blob(cas: Any, wire_digest: list[Any], stream: Any) -> None:
-    digest = Digest.from_wire(wire_digest)
+async def _copy_blob(cas: Any, digest: Digest, stream: Any) -> None:
     if digest.size == 0:
         return
     out = stream.buffer
@@ -136,26 +136,26 @@ async def _copy_blob(cas: Any, wire_digest: list[Any], stream: Any) -> None:
     await trio.to_thread.run_sync(out.flush)
 
 
-def _summary(digest: Digest, cached: bool, result: dict[str, Any], written: list[str]) -> dict[str, Any]:
+def _summary(outcome: ExecuteOutcome, written: list[str]) -> dict[str, Any]:
+    """What ``--result-json`` writes (digests as ``HASH/SIZE``)."""
+    result = outcome.result
     return {
-        "action_digest": str(digest),
-        "exit_code": result["exit_code"],
-        "signal": result["signal"],
-        "cached": cached,
-        "timed_out": result["timed_out"],
-        "node": result["node"],
-        "timings": result["timings"],
-        "executed_at": result["executed_at"],
-        "stdout": {"digest": str(Digest.from_wire(result["stdout"]["digest"])),
-                   "truncated": result["stdout"]["truncated"]},
-        "stderr": {"digest": str(Digest.from_wire(result["stderr"]["digest"])),
-                   "truncated": result["stderr"]["truncated"]},
+        "action_digest": str(outcome.action_digest),
+        "exit_code": result.exit_code,
+        "signal": result.signal,
+        "cached": outcome.cached,
+        "timed_out": result.timed_out,
+        "node": result.node,
+        "timings": result.timings.to_wire(),
+        "executed_at": result.executed_at,
+        "stdout": {"digest": str(result.stdout.digest), "truncated": result.stdout.truncated},
+        "stderr": {"digest": str(result.stderr.digest), "truncated": result.stderr.truncated},
         "outputs": {
-            "files": [{"path": f["path"], "digest": str(Digest.from_wire(f["digest"])),
-                       "executable": f["executable"]} for f in result["output_files"]],
-            "symlinks": result["output_symlinks"],
-            "directories": [d["path"] for d in result["output_directories"]],
-            "missing": result["missing_outputs"],
+            "files": [{"path": f.path, "digest": str(f.digest), "executable": f.executable}
+                      for f in result.output_files],
+            "symlinks": [s.to_wire() for s in result.output_symlinks],
+            "directories": [d.path for d in result.output_directories],
+            "missing": list(result.missing_outputs),
             "written": written,
         },
     }

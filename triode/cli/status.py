@@ -11,7 +11,7 @@ from ..sched.metrics import numeric_leaves
 from .common import add_client_options, open_cli_client
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="node id, load, peers, storage, counters")
     add_client_options(p)
     p.add_argument("--json", action="store_true", help="print the node's whole description as JSON")

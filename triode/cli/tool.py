@@ -19,7 +19,7 @@ def _env_item(text: str) -> tuple[str, str]:
     return key, value
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tool", help="call JavaScript/TypeScript tools in warm bun or node workers")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 

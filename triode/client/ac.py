@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..model.digest import Digest
+from ..model.result import ActionResult
 from ..wire.connection import Connection
 
 __all__ = ["RemoteActionCache"]
@@ -16,9 +15,14 @@ class RemoteActionCache:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
-    async def get(self, action_digest: Digest) -> dict[str, Any] | None:
+    async def get(self, action_digest: Digest) -> ActionResult | None:
+        """The result stored for the action, or None (also when a blob it names is gone)."""
         reply = await self.connection.call("ac.get", {"action_digest": action_digest.to_wire()})
-        return reply["result"]
+        result = reply["result"]
+        return None if result is None else ActionResult.from_wire(result)
 
-    async def update(self, action_digest: Digest, result: dict[str, Any]) -> None:
-        await self.connection.call("ac.update", {"action_digest": action_digest.to_wire(), "result": result})
+    async def update(self, action_digest: Digest, result: ActionResult) -> None:
+        """Store ``result`` (the node checks it; upload the blobs it names first)."""
+        await self.connection.call(
+            "ac.update", {"action_digest": action_digest.to_wire(), "result": result.to_wire()}
+        )

@@ -1,9 +1,10 @@
-"""The client side of actions: upload inputs from local paths, execute, write outputs back.
+"""The client side of actions: upload inputs from local paths, write outputs back.
 
-``Client.execute`` and ``Client.upload_inputs`` call into this module; ``triode run``
-uses all three. Every local path is checked the way the node checks action paths:
-an input or an output that would reach outside the directory it is relative to
-(absolute, ``..``, a symlink leading out) is refused with an :class:`InvalidPath`.
+``Client.upload_inputs`` calls into this module; ``triode run`` uses it, then
+``Client.execute``, then :func:`write_outputs`. Every local path is checked the way the
+node checks action paths: an input or an output that would reach outside the directory
+it is relative to (absolute, ``..``, a symlink leading out) is refused with an
+:class:`InvalidPath`.
 """
 
 from __future__ import annotations
@@ -18,23 +19,16 @@ from typing import Any
 import trio
 
 from ..chunks import hash_file_sync
-from ..engine.executor import ExecuteOutcome
 from ..errors import InvalidArgument, InvalidPath
-from ..model.action import Action, Input
+from ..model.action import Input
 from ..model.digest import Digest
 from ..model.paths import check_link_target, check_relative, inside, resolve_inside
-from ..wire.connection import Connection
+from ..model.result import ActionResult
 
-__all__ = ["execute", "LocalInputs", "scan_inputs", "upload_inputs", "write_outputs"]
+__all__ = ["LocalInputs", "scan_inputs", "upload_inputs", "write_outputs"]
 
 #: Files read whole and sent in batched calls below this size; larger ones are streamed.
 _SMALL = 64 * 1024
-
-
-async def execute(connection: Connection, action: Action, *, skip_cache: bool = False) -> ExecuteOutcome:
-    """The ``execute`` call: the cached result, or the result of running ``action`` on the node."""
-    reply = await connection.call("execute", {"action": action.to_wire(), "skip_cache": skip_cache})
-    return ExecuteOutcome.from_wire(reply)
 
 
 @dataclass
@@ -122,7 +116,7 @@ def scan_inputs(root: Path, paths: Iterable[str | os.PathLike[str]]) -> LocalInp
                     continue  # sockets, fifos: nothing to send
                 add_file(child, child_full)
     # Directories that hold inputs are implied; list only those that would otherwise be lost.
-    holding = set()
+    holding: set[str] = set()
     for p in out.inputs:
         parts = p.split("/")
         holding.update("/".join(parts[:i]) for i in range(1, len(parts)))
@@ -158,7 +152,7 @@ async def _put_batch(cas: Any, blobs: list[tuple[Digest, bytes]]) -> None:
             raise error
 
 
-async def write_outputs(cas: Any, result: dict[str, Any], dest: Path) -> list[str]:
+async def write_outputs(cas: Any, result: ActionResult, dest: Path) -> list[str]:
     """Write an action result's outputs under ``dest``: directories, files, symlinks.
 
     Files are replaced atomically; nothing is written through a symlink that leads
@@ -171,33 +165,33 @@ async def write_outputs(cas: Any, result: dict[str, Any], dest: Path) -> list[st
         os.chmod(path, (0o777 if executable else 0o666) & ~umask)
     await trio.to_thread.run_sync(_write_links, Path(dest), result)
     return sorted(
-        [e["path"] for e in result["output_directories"]]
-        + [e["path"] for e in result["output_files"]]
-        + [e["path"] for e in result["output_symlinks"]]
+        [e.path for e in result.output_directories]
+        + [e.path for e in result.output_files]
+        + [e.path for e in result.output_symlinks]
     )
 
 
-def _prepare_outputs(dest: Path, result: dict[str, Any]) -> list[tuple[Path, Digest, bool]]:
+def _prepare_outputs(dest: Path, result: ActionResult) -> list[tuple[Path, Digest, bool]]:
     """Make the directories and check every file's place; returns where each file goes."""
     dest = Path(os.path.realpath(dest))
-    for entry in sorted(result["output_directories"], key=lambda e: e["path"]):
-        resolve_inside(dest, entry["path"], "output").mkdir(parents=True, exist_ok=True)
+    for directory in sorted(d.path for d in result.output_directories):
+        resolve_inside(dest, directory, "output").mkdir(parents=True, exist_ok=True)
     files = []
-    for entry in result["output_files"]:
-        rel = entry["path"]
+    for entry in result.output_files:
+        rel = entry.path
         path = resolve_inside(dest, rel, "output")
         path.parent.mkdir(parents=True, exist_ok=True)
         resolve_inside(dest, rel, "output")  # again, now that its parents exist
         if path.is_dir() and not path.is_symlink():
             raise InvalidPath(f"output {rel!r} is a file, but {path} is a directory here", path=rel)
-        files.append((path, Digest.from_wire(entry["digest"]), bool(entry["executable"])))
+        files.append((path, entry.digest, entry.executable))
     return files
 
 
-def _write_links(dest: Path, result: dict[str, Any]) -> None:
+def _write_links(dest: Path, result: ActionResult) -> None:
     dest = Path(os.path.realpath(dest))
-    for entry in result["output_symlinks"]:
-        rel, target = entry["path"], entry["target"]
+    for entry in result.output_symlinks:
+        rel, target = entry.path, entry.target
         check_link_target(dest, rel, target, "output")
         path = resolve_inside(dest, rel, "output")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -389,7 +389,7 @@ class _Coalescer:
             raise
         ok, value = me.outcome
         if ok:
-            return value  # type: ignore[no-any-return]
+            return value
         raise value
 
     def _pass_turn(self) -> None:

@@ -13,14 +13,13 @@ from typing import Any
 
 import trio
 
-from ..engine.executor import ExecuteOutcome
 from ..errors import Unavailable
 from ..model.action import Action
+from ..model.result import ExecuteOutcome
 from ..wire.connection import Connection, ConnectionConfig, open_connection
 from ..wire.transport import open_stream
-from . import actions as _engine_client
 from .ac import RemoteActionCache
-from .actions import LocalInputs
+from .actions import LocalInputs, upload_inputs
 from .cas import RemoteCAS
 from .operations import Operations
 from .tools import ToolsClient
@@ -47,6 +46,20 @@ class Client:
         """The id of the node this client talks to."""
         return self.connection.peer.node
 
+    @property
+    def closed(self) -> bool:
+        """Whether the connection to the node is gone (calls would fail at once)."""
+        return self.connection.closed
+
+    @property
+    def close_reason(self) -> Exception | None:
+        """Why the connection ended, once it has."""
+        return self.connection.close_reason
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection to the node ends, for whatever reason."""
+        await self.connection.wait_closed()
+
     async def ping(self) -> float:
         """Round trip to the node, in seconds."""
         start = trio.current_time()
@@ -58,12 +71,19 @@ class Client:
         return await self.connection.call("node.info")
 
     async def execute(self, action: Action, *, skip_cache: bool = False) -> ExecuteOutcome:
-        """Run ``action`` on the node (or answer it from the action cache); see docs/protocol.md."""
-        return await _engine_client.execute(self.connection, action, skip_cache=skip_cache)
+        """Run ``action`` on the node, or answer it from the action cache.
+
+        The node's ``execute`` (docs/protocol.md): through its admission control, sharing
+        one run with identical actions in flight. Leaving early (cancelled, timed out)
+        kills the run once no other caller waits for it. Write the outputs back with
+        :func:`triode.client.actions.write_outputs`.
+        """
+        reply = await self.connection.call("execute", {"action": action.to_wire(), "skip_cache": skip_cache})
+        return ExecuteOutcome.from_wire(reply)
 
     async def upload_inputs(self, root: Path, paths: Iterable[str | os.PathLike[str]]) -> LocalInputs:
         """Hash local files/dirs under ``root`` and upload what the node lacks: an action's inputs."""
-        return await _engine_client.upload_inputs(self.cas, root, paths)
+        return await upload_inputs(self.cas, root, paths)
 
     async def status(self) -> dict[str, Any]:
         """Alias of :meth:`info`, as ``triode status`` shows it."""

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import msgpack
 
 from ..errors import from_wire
+from ..model.action import Action
+from ..model.result import ExecuteOutcome
 from ..wire.connection import Connection
 
 __all__ = ["Operations", "raise_for_operation"]
 
 
-def _action(action: Any) -> Any:
-    return action.to_wire() if hasattr(action, "to_wire") else action
-
-
-def raise_for_operation(op: dict[str, Any]) -> dict[str, Any]:
+def raise_for_operation(op: dict[str, Any]) -> ExecuteOutcome:
     """The outcome of a completed operation map, or the error it completed with, raised."""
     error = op.get("error")
     if error:
@@ -26,7 +25,7 @@ def raise_for_operation(op: dict[str, Any]) -> dict[str, Any]:
     outcome = op.get("outcome")
     if outcome is None:
         raise ValueError(f"operation {op.get('name')} has not completed (state {op.get('state')})")
-    return outcome
+    return replace(ExecuteOutcome.from_wire(outcome), operation=op.get("name"))
 
 
 class Operations:
@@ -35,20 +34,21 @@ class Operations:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
-    async def execute(self, action: Any, *, skip_cache: bool = False, priority: int = 0) -> dict[str, Any]:
-        """Run through the scheduler and wait: ``{action_digest, cached, result, operation}``.
+    async def execute(self, action: Action, *, skip_cache: bool = False, priority: int = 0) -> ExecuteOutcome:
+        """Run through the scheduler and wait; the outcome names the operation that answered.
 
         Leaving early (cancelled, timed out) stops waiting; the execution is cancelled
         once no caller waits for it any more.
         """
-        return await self.connection.call(
-            "sched.execute", {"action": _action(action), "skip_cache": skip_cache, "priority": priority}
+        reply = await self.connection.call(
+            "sched.execute", {"action": action.to_wire(), "skip_cache": skip_cache, "priority": priority}
         )
+        return ExecuteOutcome.from_wire(reply)
 
-    async def submit(self, action: Any, *, skip_cache: bool = False, priority: int = 0) -> dict[str, Any]:
+    async def submit(self, action: Action, *, skip_cache: bool = False, priority: int = 0) -> dict[str, Any]:
         """Queue it and return at once (the operation map); it runs even if nobody waits."""
         return await self.connection.call(
-            "sched.submit", {"action": _action(action), "skip_cache": skip_cache, "priority": priority}
+            "sched.submit", {"action": action.to_wire(), "skip_cache": skip_cache, "priority": priority}
         )
 
     async def get(self, name: str) -> dict[str, Any]:
@@ -58,7 +58,7 @@ class Operations:
         """The operation map once it has completed (its ``outcome`` or ``error`` inside)."""
         return await self.connection.call("sched.wait", {"name": name})
 
-    async def result(self, name: str) -> dict[str, Any]:
+    async def result(self, name: str) -> ExecuteOutcome:
         """Wait, then the outcome, or the operation's error raised."""
         return raise_for_operation(await self.wait(name))
 

@@ -1,10 +1,13 @@
 """Executing an action: cache lookup, staging, the run, output collection, the cache entry.
 
 :class:`Executor` runs one action in the calling task (no queue of its own: admission
-is the scheduler's job). Every execution gets a fresh work dir that is removed however
-it ends, its inputs are leased in the local store while it needs them, and the result
-goes to the action cache only when it is worth reusing: exit code 0, not timed out,
-cacheable, and no input was altered through a hard link.
+is the scheduler's job, which calls :meth:`Executor.lookup` at admission and
+:meth:`Executor.run_action` once the action has a slot). Every execution gets a fresh
+work dir that is removed however it ends, its inputs are leased in the local store while
+it needs them, and the result goes to the action cache only when it is worth reusing:
+exit code 0, not timed out, cacheable, and no input was altered through a hard link.
+Results are :class:`~triode.model.result.ActionResult` values, built here and trusted
+as built (the cache does not check their shape again).
 """
 
 from __future__ import annotations
@@ -18,16 +21,25 @@ from typing import Any
 import msgpack
 import trio
 
-from ..errors import InvalidArgument, OutputTooLarge, TriodeError
+from ..errors import OutputTooLarge, TriodeError
 from ..model.action import Action
-from ..model.digest import EMPTY, Digest
-from ..storage.ac import referenced_blobs
+from ..model.digest import Digest
+from ..model.result import (
+    EMPTY_CAPTURE,
+    ActionResult,
+    CapturedStream,
+    ExecuteOutcome,
+    OutputDirectory,
+    OutputFile,
+    OutputSymlink,
+    Timings,
+)
 from .outputs import scan_outputs
 from .runner import DEFAULT_GRACE, DEFAULT_OUTPUT_CAP, Capture, run_process
 from .staging import INLINE_FILES, link_policy, maybe_in_thread, stage_inputs, tampered
 from .workdir import WorkDirs, scratch_of
 
-__all__ = ["Executor", "ExecuteOutcome", "EngineConfig"]
+__all__ = ["Executor", "EngineConfig"]
 
 log = logging.getLogger("triode.engine")
 
@@ -59,32 +71,6 @@ class EngineConfig:
     link_inputs: str = "auto"
 
 
-@dataclass(frozen=True)
-class ExecuteOutcome:
-    """The answer to an execute: the action's digest, whether it came from the cache, the result."""
-
-    action_digest: Digest
-    cached: bool
-    result: dict[str, Any]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"action_digest": self.action_digest.to_wire(), "cached": self.cached, "result": self.result}
-
-    @classmethod
-    def from_wire(cls, value: Any) -> ExecuteOutcome:
-        if not isinstance(value, dict) or not {"action_digest", "cached", "result"} <= set(value):
-            raise InvalidArgument(f"an execute outcome is {{action_digest, cached, result}}, got {value!r}")
-        return cls(Digest.from_wire(value["action_digest"]), bool(value["cached"]), value["result"])
-
-    @property
-    def exit_code(self) -> int:
-        return int(self.result["exit_code"])
-
-    @property
-    def timed_out(self) -> bool:
-        return bool(self.result["timed_out"])
-
-
 class Executor:
     """Runs actions against a CAS and an action cache, in work dirs from ``workdirs``."""
 
@@ -98,39 +84,16 @@ class Executor:
         self.config = config or EngineConfig()
         self._link, self._guard = link_policy(self.config.link_inputs)
         #: Results on their way to the action cache (see write_behind).
-        self._pending: dict[Digest, dict[str, Any]] = {}
+        self._pending: dict[Digest, ActionResult] = {}
         #: Recently written or read small results, most recent last, with the blobs each
         #: references (worked out once, not at every hit; see lookup).
-        self._recent: OrderedDict[Digest, tuple[dict[str, Any], list[Digest]]] = OrderedDict()
-        self._writes: trio.MemorySendChannel[tuple[Digest, dict[str, Any]]] | None = None
+        self._recent: OrderedDict[Digest, tuple[ActionResult, list[Digest]]] = OrderedDict()
+        self._writes: trio.MemorySendChannel[tuple[Digest, ActionResult]] | None = None
         self.counters = {
             "executed": 0, "cache_hits": 0, "cache_writes": 0, "failed": 0, "timed_out": 0,
             "cancelled": 0, "errors": 0, "running": 0, "inputs_linked": 0, "inputs_copied": 0,
             "inputs_fetched": 0, "inputs_altered": 0,
         }
-
-    async def execute(
-        self, action: Action, *, skip_cache: bool = False, queued: float = 0.0
-    ) -> ExecuteOutcome:
-        """Answer from the action cache, or run the action now and return its result.
-
-        ``queued`` is the seconds the caller (the scheduler) held the action before this.
-        """
-        digest = action.digest()
-        try:
-            if not skip_cache:
-                hit = await self.lookup(action)
-                if hit is not None:
-                    return hit
-            self.counters["running"] += 1
-            try:
-                result = await self._run(action, digest, queued)
-            finally:
-                self.counters["running"] -= 1
-        except BaseException as exc:
-            self.counters["cancelled" if _only_cancelled(exc) else "errors"] += 1
-            raise
-        return ExecuteOutcome(digest, False, result)
 
     async def lookup(self, action: Action) -> ExecuteOutcome | None:
         """The cached outcome of ``action``, or None; never runs anything.
@@ -158,18 +121,49 @@ class Executor:
         self.counters["cache_hits"] += 1
         return ExecuteOutcome(digest, True, hit)
 
-    def _remember(self, digest: Digest, result: dict[str, Any]) -> None:
+    def _remember(self, digest: Digest, result: ActionResult) -> None:
         """Keep a small result in memory: a repeat is then answered without reading a file."""
-        if len(result["output_files"]) + len(result["output_symlinks"]) + len(
-            result["output_directories"]
-        ) > RECENT_MAX_OUTPUTS:
+        if result.output_count > RECENT_MAX_OUTPUTS:
             return
-        self._recent[digest] = (result, referenced_blobs(result))
+        self._recent[digest] = (result, result.blobs())
         self._recent.move_to_end(digest)
         while len(self._recent) > RECENT_RESULTS:
             self._recent.popitem(last=False)
 
-    async def _run(self, action: Action, digest: Digest, queued: float) -> dict[str, Any]:
+    async def run_action(self, action: Action, *, queued: float = 0.0) -> ExecuteOutcome:
+        """Run ``action`` now, in the calling task, and return its result (never a cache hit).
+
+        ``queued`` is the seconds the caller (the scheduler) held the action before this.
+        Cancelling the caller stops the action's process group.
+        """
+        digest = action.digest()
+        self.counters["running"] += 1
+        try:
+            result = await self._run(action, digest, queued)
+        except BaseException as exc:
+            self._count_failure(exc)
+            raise
+        finally:
+            self.counters["running"] -= 1
+        return ExecuteOutcome(digest, False, result)
+
+    async def lookup_or_run(self, action: Action, *, skip_cache: bool = False) -> ExecuteOutcome:
+        """:meth:`lookup`, unless ``skip_cache``; on a miss :meth:`run_action`. Unqueued:
+        the node's ``engine.execute``, and whoever embeds an executor without a scheduler."""
+        if not skip_cache:
+            try:
+                hit = await self.lookup(action)
+            except BaseException as exc:
+                self._count_failure(exc)
+                raise
+            if hit is not None:
+                return hit
+        return await self.run_action(action)
+
+    def _count_failure(self, exc: BaseException) -> None:
+        self.counters["cancelled" if _only_cancelled(exc) else "errors"] += 1
+
+    async def _run(self, action: Action, digest: Digest, queued: float) -> ActionResult:
         started = trio.current_time()
         # Leased from staging to the end of the run: an input in use is never evicted.
         with self.cas.lease(action.input_digests()):
@@ -199,40 +193,34 @@ class Executor:
                 found = await maybe_in_thread(bool(action.outputs), scan_outputs, root, action.outputs)
                 files = []
                 for rel, path, executable in found.files:
-                    file_digest = await self.cas.put_file(path)
-                    files.append({"path": rel, "digest": file_digest.to_wire(), "executable": executable})
+                    files.append(OutputFile(rel, await self.cas.put_file(path), executable))
                 altered = await maybe_in_thread(len(staged.links) > INLINE_FILES, tampered, staged)
-                for path, blob, inode in altered:
+                for linked, blob, inode in altered:
                     log.error(
                         "action %s altered the hard-linked input %s (blob %s) in place: the stored blob "
                         "is dropped and the result not cached",
-                        digest, path[len(str(root)) + 1 :], blob,
+                        digest, linked[len(str(root)) + 1 :], blob,
                     )
                     self.counters["inputs_altered"] += 1
                     self.cas.drop_damaged(blob, inode)  # only a disk store hands out files to link
                 uploaded_at = trio.current_time()
-        result: dict[str, Any] = {
-            "exit_code": run.exit_code,
-            "signal": run.signal,
-            "timed_out": run.timed_out,
-            "stdout": stdout,
-            "stderr": stderr,
-            "output_files": files,
-            "output_symlinks": found.symlinks,
-            "output_directories": found.directories,
-            "missing_outputs": found.missing,
-            "timings": {
-                "queued": queued,
-                "staging": staged_at - started,
-                "running": ran_at - staged_at,
-                "uploading": uploaded_at - ran_at,
-            },
-            "node": self.node_id,
-            "executed_at": time.time(),
-        }
+        result = ActionResult(
+            run.exit_code,
+            run.signal,
+            run.timed_out,
+            stdout,
+            stderr,
+            tuple(files),
+            tuple([OutputSymlink(link["path"], link["target"]) for link in found.symlinks]),
+            tuple([OutputDirectory(d["path"]) for d in found.directories]),
+            tuple(found.missing),
+            Timings(float(queued), staged_at - started, ran_at - staged_at, uploaded_at - ran_at),
+            self.node_id,
+            time.time(),
+        )
         # Each output takes at most two paths of 4 KiB (a path and a symlink's target): a
         # result with few outputs cannot pass the limit, and need not be encoded to know it.
-        size = len(msgpack.packb(result, use_bin_type=True)) if found.count() > FEW_OUTPUTS else 0
+        size = len(msgpack.packb(result.to_wire(), use_bin_type=True)) if found.count() > FEW_OUTPUTS else 0
         if size > MAX_RESULT_BYTES:
             raise OutputTooLarge(
                 f"the action's result is {size} bytes encoded (over {MAX_RESULT_BYTES}): it lists "
@@ -248,7 +236,7 @@ class Executor:
             await self._cache(digest, result)
         return result
 
-    async def _cache(self, digest: Digest, result: dict[str, Any]) -> None:
+    async def _cache(self, digest: Digest, result: ActionResult) -> None:
         """Write the result to the action cache: behind the answer when a writer runs, else now."""
         if self._writes is not None:
             self._pending[digest] = result
@@ -280,7 +268,7 @@ class Executor:
         wait; past that a caller writes its own. Run it in the engine's nursery;
         :meth:`close_writes` makes it finish the queue and return.
         """
-        send, receive = trio.open_memory_channel[tuple[Digest, dict[str, Any]]](WRITE_BEHIND)
+        send, receive = trio.open_memory_channel[tuple[Digest, ActionResult]](WRITE_BEHIND)
         self._writes = send
         task_status.started()
         async with receive:
@@ -294,9 +282,9 @@ class Executor:
                             break
                 await self._write_batch(batch)
 
-    async def _write_batch(self, batch: list[tuple[Digest, dict[str, Any]]]) -> None:
+    async def _write_batch(self, batch: list[tuple[Digest, ActionResult]]) -> None:
         try:
-            errors: list[Any] = await self.ac.update_many(batch, built_here=True)
+            errors: list[Any] = await self.ac.update_many(batch)
         except (TriodeError, OSError) as exc:
             errors = [exc] * len(batch)
         for (digest, result), error in zip(batch, errors, strict=True):
@@ -313,16 +301,16 @@ class Executor:
         if self._writes is not None:
             self._writes.close()
 
-    async def _store_capture(self, capture: Capture) -> dict[str, Any]:
+    async def _store_capture(self, capture: Capture) -> CapturedStream:
         if not capture.total:  # the usual stderr, and stdout too for many commands
             await trio.lowlevel.checkpoint_if_cancelled()  # (no yield: see maybe_in_thread)
-            return {"digest": EMPTY.to_wire(), "truncated": False}
+            return EMPTY_CAPTURE
         if capture.spilled:
             assert capture.spill_path is not None
             blob = await self.cas.put_file(capture.spill_path)
         else:
             blob = await self.cas.put(capture.data())
-        return {"digest": blob.to_wire(), "truncated": capture.truncated}
+        return CapturedStream(blob, capture.truncated)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -196,12 +196,12 @@ async def run_process(
                     waiting.cancel()
 
             # Noted now: by the time it is needed, stdin may be closed (fileno() is -1).
-            stdin_inode = os.fstat(proc.stdin.fileno()).st_ino if proc.stdin is not None else None
+            stdin_inode = os.fstat(_fileno(proc.stdin)).st_ino if proc.stdin is not None else None
             assert proc.stdout is not None and proc.stderr is not None
             with _ChildWatch(proc, out, err) as watch:
                 async with trio.open_nursery() if stdin is not None else nullcontext() as feeder:
                     if feeder is not None:
-                        assert proc.stdin is not None
+                        assert proc.stdin is not None and stdin is not None
                         feeder.start_soon(_feed_stdin, proc.stdin, stdin)
                     try:
                         if stop is None:
@@ -231,11 +231,11 @@ async def run_process(
     finally:
         out.close()
         err.close()
-    code = proc.returncode
-    assert code is not None
-    sig = -code if code < 0 else None
+    returncode = proc.returncode
+    assert returncode is not None
+    sig = -returncode if returncode < 0 else None
     return ProcessResult(
-        exit_code=128 + sig if sig is not None else code,
+        exit_code=128 + sig if sig is not None else returncode,
         signal=sig,
         timed_out=timed_out,
         output_capped=ended["cap"],
@@ -265,7 +265,7 @@ class _ChildWatch:
         self._pidfd: int | None = None
         self._reaped = False
         #: Pipe fd -> where its bytes go, for each pipe not yet at EOF.
-        self._pipes = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        self._pipes = {_fileno(proc.stdout): out, _fileno(proc.stderr): err}
         try:
             for fd in self._pipes:
                 self._epoll.register(fd, select.EPOLLIN)
@@ -349,6 +349,12 @@ class _ChildWatch:
         if not self._epoll.closed:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
+
+
+def _fileno(stream: trio.abc.SendStream | trio.abc.ReceiveStream) -> int:
+    """The fd of one of a process's pipes (trio makes them FdStreams on Unix)."""
+    assert isinstance(stream, trio.lowlevel.FdStream)
+    return stream.fileno()
 
 
 async def _feed_stdin(stream: trio.abc.SendStream, data: bytes | Path) -> None:

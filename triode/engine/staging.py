@@ -26,6 +26,7 @@ from ..errors import BlobNotFound, MissingInputs
 from ..model.action import Action, Input
 from ..model.digest import Digest
 from ..model.paths import parents
+from ..model.store import LocalBlobStore
 
 __all__ = ["Staged", "stage_inputs", "link_policy", "tampered", "mode_for", "maybe_in_thread", "INLINE_FILES"]
 
@@ -161,7 +162,7 @@ def _stage_local(
     return staged, remote
 
 
-async def stage_inputs(root: Path, action: Action, cas: Any, *, link: bool = True) -> Staged:
+async def stage_inputs(root: Path, action: Action, cas: LocalBlobStore, *, link: bool = True) -> Staged:
     """Stage every input of ``action`` under ``root`` (which exists and is empty).
 
     Raises :class:`MissingInputs` listing the digests neither the local store nor its
@@ -169,10 +170,10 @@ async def stage_inputs(root: Path, action: Action, cas: Any, *, link: bool = Tru
     """
     # path_of is asked here, on the event loop, not in the worker thread: it touches the
     # store's in-memory index, which only the loop may change.
-    path_of: Callable[[Digest], Path | None] | None = getattr(cas, "path_of", None)
+    path_of = cas.path_of
     sources: dict[Digest, Path | None] = {}
     for i, digest in enumerate(action.input_digests()):
-        sources[digest] = path_of(digest) if path_of is not None else None
+        sources[digest] = path_of(digest)
         if i % 256 == 255:
             await trio.lowlevel.checkpoint()
     # What is not a local file may still be in the store (memory) or its backing tier.

@@ -70,7 +70,7 @@ class Digest:
             except UnicodeEncodeError:
                 joined = None
             if joined is not None and not joined.translate(None, _HEX_BYTES):
-                out = []
+                out: list[Digest] = []
                 append = out.append
                 new = object.__new__
                 set_hash = _HASH_SLOT.__set__

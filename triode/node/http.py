@@ -7,7 +7,7 @@ read within a few seconds, so a slow or hostile scraper costs one bounded task.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -49,7 +49,11 @@ async def serve_metrics(
         task_status.started(format_address(sockname[0], sockname[1]))
 
 
-async def _accept(listener: trio.SocketListener, handle: Callable, nursery: trio.Nursery) -> None:
+async def _accept(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
     async with listener:
         while True:
             try:

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import trio
 
-from .. import __version__
 from ..client import Client, client_config, open_client
 from ..errors import TriodeError
+from ..version import __version__
 from ..wire.connection import Connection, ConnectionConfig, IncomingCall, open_connection
 from ..wire.router import Router
 

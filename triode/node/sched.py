@@ -1,10 +1,17 @@
 """The sched part of a node: its wire methods, its tasks, and its figures.
 
 Methods (docs/protocol.md, "Methods: sched"): ``execute`` (admission control in
-front of the engine), ``sched.submit``, ``sched.get``, ``sched.wait``,
-``sched.watch``, ``sched.cancel``, ``sched.list``, ``sched.status``, and between
-peers ``sched.gossip`` and ``sched.forward``. An operation's name is
-``NODE/NUMBER``; a node asked about another node's operation asks that node.
+front of the engine; ``sched.execute`` is the same handler), ``sched.submit``,
+``sched.get``, ``sched.wait``, ``sched.watch``, ``sched.cancel``, ``sched.list``,
+``sched.status``, and between peers ``sched.gossip`` and ``sched.forward``. An
+operation's name is ``NODE/NUMBER``; a node asked about another node's operation asks
+that node.
+
+The path of an execute: :meth:`SchedPart.h_execute` parses the call once
+(:meth:`ExecuteRequest.from_wire <triode.model.result.ExecuteRequest.from_wire>`), then
+:meth:`Scheduler.admit_and_wait <triode.sched.scheduler.Scheduler.admit_and_wait>`; the
+scheduler calls :class:`EngineExecutor`, which is the engine's ``Executor.lookup`` and
+``Executor.run_action``.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ..client import connect
+from ..client.cas import RemoteCAS
 from ..concurrency import open_service_nursery
 from ..errors import BlobNotFound, FailedPrecondition, InvalidArgument
 from ..model.digest import Digest
+from ..model.result import ExecuteOutcome, ExecuteRequest
 from ..sched.cluster import Cluster
 from ..sched.job import Job
 from ..sched.metrics import Registry, numeric_leaves
@@ -29,63 +40,35 @@ from ..wire.connection import Connection, IncomingCall
 from .http import serve_metrics
 
 if TYPE_CHECKING:
+    from ..engine.executor import Executor
     from .node import Node
 
-__all__ = ["SchedPart", "open_sched", "job_from_args", "EngineExecutor"]
+__all__ = ["SchedPart", "open_sched", "EngineExecutor"]
 
 log = logging.getLogger("triode.sched")
 
 MAX_LIST = 10_000
 
 
-def job_from_args(args: Any, *, forwarded_from: str | None = None) -> tuple[Job, int]:
-    """The job and priority an ``execute`` call asks for: the engine's arguments
-    (validated by the engine's own parser) plus an optional ``priority``."""
-    from .engine import parse_execute_args
-
-    if not isinstance(args, dict):
-        raise InvalidArgument("execute takes {action: {...}, skip_cache?: bool, priority?: int}")
-    rest = {k: v for k, v in args.items() if k not in ("priority", "origin")}
-    priority = args.get("priority", 0)
-    if type(priority) is not int or not -1000 <= priority <= 1000:
-        raise InvalidArgument(f"priority must be an integer from -1000 to 1000, got {priority!r}")
-    action, skip_cache = parse_execute_args(rest)
-    job = Job(
-        key=str(action.digest()),
-        action=action,
-        wire=rest["action"],  # validated above; forwarded as it came
-        skip_cache=skip_cache,
-        dedup=not action.do_not_cache,
-        forwarded_from=forwarded_from,
-    )
-    return job, priority
-
-
 class EngineExecutor:
-    """The scheduler's executor over this node's engine part."""
+    """The scheduler's executor: this node's engine (``node.parts["engine"].executor``)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def _engine(self) -> Any:
+    def _executor(self) -> Executor:
         engine = self.node.parts.get("engine")
         if engine is None:
             raise FailedPrecondition(f"node {self.node.id} has no engine part: it cannot execute actions")
-        return engine
+        return engine.executor  # type: ignore[attr-defined]
 
-    async def lookup(self, job: Job) -> dict[str, Any] | None:
-        if job.skip_cache or not job.dedup:
-            return None
+    async def lookup(self, job: Job) -> ExecuteOutcome | None:
         # The engine's own answer: it sees results still being written behind, too.
-        outcome = await self._engine().lookup(job.action)
-        return outcome.to_wire() if outcome is not None else None
+        return await self._executor().lookup(job.action)
 
-    async def run(self, job: Job, *, queued: float = 0.0) -> dict[str, Any]:
-        engine = self._engine()
-        # The scheduler looked the action cache up at admission (unless told to skip it):
-        # looking again here would count every execution as two misses.
-        outcome = await engine.execute(job.action, skip_cache=True, queued=queued)
-        return outcome.to_wire() if hasattr(outcome, "to_wire") else outcome
+    async def run(self, job: Job, *, queued: float = 0.0) -> ExecuteOutcome:
+        # The scheduler looked the action cache up at admission (unless told to skip it).
+        return await self._executor().run_action(job.action, queued=queued)
 
 
 #: Inputs at most this big are sent in batches; larger ones are streamed one by one.
@@ -97,8 +80,6 @@ PUSH_BATCH = 4 * 1024 * 1024
 async def push_inputs_from(node: Node, conn: Connection, job: Job) -> None:
     """Before forwarding: upload the inputs the peer lacks from our CAS. A peer that shares
     our backing node finds them there, so it lacks nothing and nothing is sent."""
-    from ..client.cas import RemoteCAS
-
     storage = node.parts.get("storage")
     local = getattr(storage, "cas", None)
     if local is None:
@@ -183,24 +164,27 @@ class SchedPart:
     # -- handlers ----------------------------------------------------------------------
 
     async def h_execute(self, call: IncomingCall) -> dict[str, Any]:
-        job, priority = job_from_args(call.args)
-        op = await self.scheduler.execute(job, priority=priority)
-        return {**outcome_or_raise(op), "operation": op.name}
+        """``execute`` and ``sched.execute``: admit, wait for the outcome, answer it."""
+        request = ExecuteRequest.from_wire(call.args, method=call.method)
+        op = await self.scheduler.admit_and_wait(Job.of(request), priority=request.priority)
+        return replace(outcome_or_raise(op), operation=op.name).to_wire()
 
     async def h_forward(self, call: IncomingCall) -> dict[str, Any]:
-        origin = call.args.get("origin") if isinstance(call.args, dict) else None
-        job, _ = job_from_args(call.args, forwarded_from=str(origin or call.peer.node))
-        op = await self.scheduler.submit(job, slot_only=True)
+        """``sched.forward``: a peer's job, taken only into a free slot, never forwarded again."""
+        request = ExecuteRequest.from_wire(call.args, method=call.method)
+        job = Job.of(request, forwarded_from=request.origin or call.peer.node)
+        op = await self.scheduler.admit(job, slot_only=True)
         try:
             await call.send(msgpack.packb({"operation": op.name}))
             await self.scheduler.wait(op)
         finally:
             await self.scheduler.leave_and_settle(op)
-        return outcome_or_raise(op)
+        return outcome_or_raise(op).to_wire()
 
     async def h_submit(self, call: IncomingCall) -> dict[str, Any]:
-        job, priority = job_from_args(call.args)
-        op = await self.scheduler.submit(job, priority=priority, detached=True)
+        """``sched.submit``: admit detached, answer the operation map at once."""
+        request = ExecuteRequest.from_wire(call.args, method=call.method)
+        op = await self.scheduler.admit(Job.of(request), priority=request.priority, detached=True)
         return op.to_wire()
 
     async def h_get(self, call: IncomingCall) -> dict[str, Any]:
@@ -275,12 +259,23 @@ async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
     async def push(conn: Connection, job: Job) -> None:
         await push_inputs_from(node, conn, job)
 
+    ssl_context = node.client_ssl_context()
+
+    @asynccontextmanager
+    async def dial(address: str, interval: float) -> AsyncIterator[Connection]:
+        async with connect(
+            address, token=config.token, ssl_context=ssl_context,
+            connect_timeout=max(2 * interval, 1.0),
+            keepalive_interval=max(interval, 0.25), dead_after=max(6 * interval, 2.0),
+            handshake_timeout=max(4 * interval, 2.0),
+        ) as client:
+            yield client.connection
+
     cluster = Cluster(
         node=node.id,
         address=lambda: node.address,
         seeds=tuple(config.peers),
-        token=config.token,
-        ssl_context=node.client_ssl_context(),
+        dial=dial,
         push_inputs=push if node.parts.get("storage") is not None else None,
     )
     scheduler = Scheduler(
@@ -294,6 +289,7 @@ async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
     cluster.attach(scheduler)
     part = SchedPart(node, scheduler, cluster, registry)
     routes = {
+        "execute": part.h_execute,  # the same method as sched.execute (docs/protocol.md)
         "sched.execute": part.h_execute,
         "sched.forward": part.h_forward,
         "sched.submit": part.h_submit,
@@ -307,8 +303,6 @@ async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
     }
     for name, handler in routes.items():
         node.router.add(name, handler)
-    if "execute" not in node.router:
-        node.router.add("execute", part.h_execute)
     async with open_service_nursery() as nursery:
         await nursery.start(scheduler.run)
         await nursery.start(cluster.run)

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..client import connect
 from ..errors import InvalidArgument, TooLarge, TriodeError
 from ..model.digest import Digest
+from ..model.result import ActionResult
 from ..storage.ac import ActionCache
 from ..storage.cas import CAS
 from ..storage.disk import DiskCAS
@@ -107,11 +109,10 @@ async def open_storage(node: Node) -> AsyncIterator[StoragePart]:
             if isinstance(cas, DiskCAS):
                 nursery.start_soon(_janitor, cas)
             if config.backing is not None:
-                from ..client import connect
-
+                address = config.backing
                 backing = Backing(
-                    config.backing,
-                    lambda: connect(config.backing, token=config.token, ssl_context=node.client_ssl_context(),
+                    address,
+                    lambda: connect(address, token=config.token, ssl_context=node.client_ssl_context(),
                                     connect_timeout=BACKING_CONNECT_TIMEOUT),
                     nursery,
                 )
@@ -265,11 +266,13 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
 
     async def ac_get(call: IncomingCall) -> dict[str, Any]:
         key = Digest.from_wire(_args(call, "action_digest")["action_digest"])
-        return {"result": await ac.get(key)}
+        result = await ac.get(key)
+        return {"result": None if result is None else result.to_wire()}
 
     async def ac_update(call: IncomingCall) -> None:
         args = _args(call, "action_digest", "result")
-        await ac.update(Digest.from_wire(args["action_digest"]), args["result"])
+        key = Digest.from_wire(args["action_digest"])
+        await ac.update(key, ActionResult.from_wire(args["result"]))  # checked here, at the edge
 
     router.add("cas.find_missing", find_missing)
     router.add("cas.put", put)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import msgpack
 import trio
 
-from ..client import connect
 from ..errors import (
     ConnectionClosed,
     NotFound,
@@ -39,6 +38,9 @@ __all__ = ["Cluster"]
 log = logging.getLogger("triode.sched.cluster")
 
 PushInputs = Callable[[Connection, Job], Awaitable[None]]
+#: Opens a connection to the peer at ADDRESS, with liveness timers scaled to the gossip
+#: interval (the second argument). The node supplies it: the cluster knows no client.
+Dial = Callable[[str, float], AbstractAsyncContextManager[Connection]]
 
 
 def _reachable(address: str, observed_host: str) -> str:
@@ -60,8 +62,7 @@ class Cluster:
         node: str,
         address: Callable[[], str | None],
         seeds: tuple[str, ...] = (),
-        token: str | None = None,
-        ssl_context: ssl.SSLContext | None = None,
+        dial: Dial,
         interval: float = 0.5,
         push_inputs: PushInputs | None = None,
         rng: random.Random | None = None,
@@ -71,8 +72,7 @@ class Cluster:
         #: Our own address, read when needed: a node listens only once its parts are up.
         self.address = address
         self.membership = Membership(me=node, my_address=address(), seeds=seeds, interval=interval, rng=rng)
-        self.token = token
-        self.ssl_context = ssl_context
+        self.dial = dial
         self.push_inputs = push_inputs
         self.load: Callable[[], dict[str, int]] = dict
         self.poke: Callable[[], None] = lambda: None
@@ -117,15 +117,10 @@ class Cluster:
         try:
             while self._known(peer):
                 try:
-                    async with connect(
-                        address, token=self.token, ssl_context=self.ssl_context,
-                        connect_timeout=max(2 * self.interval, 1.0),
-                        keepalive_interval=max(self.interval, 0.25), dead_after=max(6 * self.interval, 2.0),
-                        handshake_timeout=max(4 * self.interval, 2.0),
-                    ) as client:
-                        self._conns[address] = client.connection
+                    async with self.dial(address, self.interval) as conn:
+                        self._conns[address] = conn
                         peer.connected = True
-                        await self._gossip(peer, client.connection)
+                        await self._gossip(peer, conn)
                 except (TriodeError, OSError, trio.BrokenResourceError) as exc:
                     log.debug("link to %s: %s", address, exc)
                 finally:

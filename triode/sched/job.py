@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..model.digest import Digest
+from ..model.result import ExecuteOutcome, ExecuteRequest
 
 __all__ = ["Job", "Executor", "Placement", "NotAccepted", "PeerLost"]
 
@@ -32,6 +33,19 @@ class Job:
     #: The node that forwarded this job here; such a job is never forwarded again (one hop).
     forwarded_from: str | None = None
 
+    @classmethod
+    def of(cls, request: ExecuteRequest, *, forwarded_from: str | None = None) -> Job:
+        """The job an execute request asks for: keyed by the action digest, shared with
+        identical actions in flight unless the action is ``do_not_cache``."""
+        action = request.action
+        return cls(
+            key=str(action.digest()),
+            action=action,
+            wire=request.action_wire if request.action_wire is not None else action.to_wire(),
+            skip_cache=request.skip_cache,
+            dedup=not action.do_not_cache,
+            forwarded_from=forwarded_from,
+        )
 
     def input_digests(self) -> tuple[Digest, ...]:
         if self.inputs is not None:
@@ -41,14 +55,13 @@ class Job:
 
 
 class Executor(Protocol):
-    """Runs jobs on this node. An outcome is the ``execute`` result map:
-    ``{"action_digest": [h, s], "cached": bool, "result": {...}}``."""
+    """Runs jobs on this node (the node's engine; a fake in tests)."""
 
-    async def lookup(self, job: Job) -> dict[str, Any] | None:
+    async def lookup(self, job: Job) -> ExecuteOutcome | None:
         """The cached outcome, or None: must not run anything or take a slot."""
         ...
 
-    async def run(self, job: Job, *, queued: float = 0.0) -> dict[str, Any]:
+    async def run(self, job: Job, *, queued: float = 0.0) -> ExecuteOutcome:
         """Run it now, in the calling task; cancelling the caller kills the process group.
 
         ``queued`` is the seconds the job waited for its slot (for the result's timings).
@@ -86,7 +99,8 @@ class Placement(Protocol):
         ...
 
     async def forward(self, peer: str, job: Job, accepted: Callable[[str], None]) -> dict[str, Any]:
-        """Run the job on ``peer``; call ``accepted(remote_name)`` once it took it.
+        """Run the job on ``peer``; call ``accepted(remote_name)`` once it took it. Returns
+        the peer's reply as it came off the wire (the scheduler decodes and checks it).
 
         Releases the slot :meth:`pick` reserved, however it ends. Raises
         :class:`NotAccepted` or :class:`PeerLost`, or the job's own TriodeError.

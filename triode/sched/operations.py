@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Cancelled, NotFound, ResourceExhausted, TriodeError
+from ..model.result import ExecuteOutcome
 
 __all__ = ["State", "Operation", "OperationTable"]
 
@@ -45,8 +46,8 @@ class Operation:
     state: State = State.QUEUED
     started: float | None = None
     finished: float | None = None
-    #: The executor's outcome (a msgpack map) once completed successfully.
-    outcome: dict[str, Any] | None = None
+    #: The executor's outcome once completed successfully.
+    outcome: ExecuteOutcome | None = None
     #: The error it completed with instead.
     error: TriodeError | None = None
     #: Callers waiting on the result; the execution is cancelled when the last one leaves.
@@ -89,7 +90,7 @@ class Operation:
             "version": self.version,
         }
         if self.outcome is not None:
-            wire["outcome"] = self.outcome
+            wire["outcome"] = self.outcome.to_wire()
         if self.error is not None:
             code, message, details = self.error.to_wire()
             wire["error"] = {"code": code, "message": message, "details": details}
@@ -228,7 +229,7 @@ class OperationTable:
         return op, False
 
     def record_completed(
-        self, key: str | None, outcome: dict[str, Any], *, payload: Any = None, now: float
+        self, key: str | None, outcome: ExecuteOutcome, *, payload: Any = None, now: float
     ) -> Operation:
         """An operation that completed at once (a cache hit): recorded, never queued."""
         op = self._new(key, 0, payload, now)
@@ -272,7 +273,7 @@ class OperationTable:
         self,
         op: Operation,
         *,
-        outcome: dict[str, Any] | None = None,
+        outcome: ExecuteOutcome | None = None,
         error: TriodeError | None = None,
         now: float,
     ) -> None:

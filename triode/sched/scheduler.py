@@ -6,6 +6,12 @@ slot or, failing that, to a peer with free capacity (at most one hop), per-opera
 wake-ups for waiters and watchers, and the waiter count that cancels an execution
 when its last waiter leaves. Everything it starts runs in the nursery of
 :meth:`Scheduler.run`, so it ends with the node.
+
+The path of one job: :meth:`Scheduler.admit` asks the executor's ``lookup`` (a hit
+completes at once), else queues it; :meth:`_place` gives it a slot and
+:meth:`_run_local` calls the executor's ``run`` (or :meth:`_run_forward` hands it to a
+peer); the outcome, an :class:`~triode.model.result.ExecuteOutcome`, completes the
+operation. :meth:`Scheduler.admit_and_wait` is admit, wait, leave.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import Any
 import trio
 
 from ..errors import Cancelled, Internal, TriodeError, Unavailable
+from ..model.result import ExecuteOutcome
 from .job import Executor, Job, NotAccepted, PeerLost, Placement
 from .metrics import Registry
 from .operations import Operation, OperationTable, State
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "outcome_or_raise"]
 
 log = logging.getLogger("triode.sched")
 
@@ -232,7 +239,7 @@ class Scheduler:
         try:
             with scope:
                 try:
-                    outcome = await self.placement.forward(peer, job, accepted)
+                    outcome = ExecuteOutcome.from_wire(await self.placement.forward(peer, job, accepted))
                 except NotAccepted as exc:
                     log.info("%s: %s; placing it again", op.name, exc)
                     self.c_refused.inc()
@@ -263,7 +270,7 @@ class Scheduler:
             self.forwarding -= 1
             self._wake.unpark_all()  # a requeued job, or the peer's slot is free again
 
-    def _finish(self, op: Operation, *, outcome: dict[str, Any] | None = None,
+    def _finish(self, op: Operation, *, outcome: ExecuteOutcome | None = None,
                 error: TriodeError | None = None) -> None:
         if op.done:
             return
@@ -300,7 +307,7 @@ class Scheduler:
 
     # -- the API -----------------------------------------------------------------------
 
-    async def submit(
+    async def admit(
         self,
         job: Job,
         *,
@@ -311,7 +318,7 @@ class Scheduler:
         """Admit a job (or join the identical one in flight, or answer from the cache).
 
         Unless ``detached``, the caller becomes a waiter and must call :meth:`leave`
-        when it stops waiting (:meth:`execute` does both). ``slot_only`` admits only
+        when it stops waiting (:meth:`admit_and_wait` does both). ``slot_only`` admits only
         when a local slot is free now (a forwarded job: the forwarder keeps its queue).
         """
         self.c_submitted.inc()
@@ -418,9 +425,9 @@ class Scheduler:
             op.lot = trio.lowlevel.ParkingLot()
         return op.lot
 
-    async def execute(self, job: Job, *, priority: int = 0, slot_only: bool = False) -> Operation:
-        """Submit, wait, leave: the completed operation (its outcome or error inside)."""
-        op = await self.submit(job, priority=priority, slot_only=slot_only)
+    async def admit_and_wait(self, job: Job, *, priority: int = 0) -> Operation:
+        """Admit, wait, leave: the completed operation (its outcome or error inside)."""
+        op = await self.admit(job, priority=priority)
         try:
             return await self.wait(op)
         finally:
@@ -437,7 +444,7 @@ class Scheduler:
                 await self.wait(op)
 
 
-def outcome_or_raise(op: Operation) -> dict[str, Any]:
+def outcome_or_raise(op: Operation) -> ExecuteOutcome:
     """The outcome of a completed operation, or its error raised."""
     if op.error is not None:
         err = op.error  # a fresh copy per waiter: raising one instance in many tasks tangles tracebacks

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from ..chunks import bytes_chunks
 from ..errors import BlobNotFound, ConnectionClosed, TriodeError, Unavailable
 from ..model.digest import Digest
-
-if TYPE_CHECKING:
-    from ..client import Client
-    from .cas import CAS
+from ..model.result import ActionResult
+from ..model.store import RemoteStorage
 
 __all__ = ["Backing"]
 
@@ -49,9 +47,16 @@ class _Fetch:
         self.scope = trio.CancelScope()
 
 
-def _copy(error: TriodeError) -> TriodeError:
-    """A fresh exception per waiter: one object raised in many tasks tangles tracebacks."""
-    return type(error)(error.message, **error.details)
+class LocalTier(Protocol):
+    """What the tier reads from and fills: the store in front of it, its own bytes only."""
+
+    async def get(self, digest: Digest, *, limit: int | None = None) -> bytes: ...
+
+    def _read_local(
+        self, digest: Digest, offset: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
+    async def _put_local(self, chunks: AsyncIterable[bytes | memoryview], digest: Digest) -> bool: ...
 
 
 class Backing:
@@ -60,7 +65,7 @@ class Backing:
     def __init__(
         self,
         address: str,
-        connect: Callable[[], AbstractAsyncContextManager[Client]],
+        connect: Callable[[], AbstractAsyncContextManager[RemoteStorage]],
         nursery: trio.Nursery,
         *,
         max_backoff: float = 2.0,
@@ -69,7 +74,7 @@ class Backing:
         self._connect = connect
         self._nursery = nursery
         self._max_backoff = max_backoff
-        self._client: Client | None = None
+        self._remote: RemoteStorage | None = None
         self._error = "not connected yet"
         self._connected = trio.Event()
         self._fetches: dict[Digest, _Fetch] = {}
@@ -82,14 +87,14 @@ class Backing:
         backoff = 0.05
         while True:
             try:
-                async with self._connect() as client:
-                    self._client = client
+                async with self._connect() as remote:
+                    self._remote = remote
                     self._connected.set()
                     self.counters["connects"] += 1
                     backoff = 0.05
                     log.info("connected to backing node %s", self.address)
-                    await client.connection.wait_closed()
-                    reason = client.connection.close_reason
+                    await remote.wait_closed()
+                    reason = remote.close_reason
                     self._error = f"lost the connection: {reason}" if reason else "connection closed"
             except (TriodeError, OSError) as exc:
                 self._error = str(exc) or type(exc).__name__
@@ -97,7 +102,7 @@ class Backing:
                 log.warning("connection to backing node %s failed", self.address, exc_info=True)
                 self._error = repr(exc)
             finally:
-                self._client = None
+                self._remote = None
                 self._connected = trio.Event()
             log.info("backing node %s unavailable: %s", self.address, self._error)
             await trio.sleep(backoff)
@@ -108,19 +113,19 @@ class Backing:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None
+        return self._remote is not None
 
-    def client(self) -> Client:
-        """The live client, or Unavailable at once (no waiting for a node that is down)."""
-        client = self._client
-        if client is None or client.connection.closed:
+    def remote(self) -> RemoteStorage:
+        """The live link, or Unavailable at once (no waiting for a node that is down)."""
+        remote = self._remote
+        if remote is None or remote.closed:
             self.counters["unavailable"] += 1
             raise Unavailable(
                 f"backing node {self.address} is unavailable ({self._error}); "
                 "what this node holds locally is still served",
                 node=self.address,
             )
-        return client
+        return remote
 
     def _lost(self, exc: ConnectionClosed) -> Unavailable:
         self.counters["unavailable"] += 1
@@ -139,36 +144,36 @@ class Backing:
 
     async def find_missing(self, digests: list[Digest]) -> list[Digest]:
         """Which of ``digests`` the backing node lacks (one call per batch)."""
-        client = self.client()
+        remote = self.remote()
         self.counters["find_missing_calls"] += 1
         try:
-            return await client.cas.find_missing(digests)
+            return await remote.cas.find_missing(digests)
         except ConnectionClosed as exc:
             raise self._lost(exc) from None
 
-    async def write_through(self, store: CAS, digest: Digest, *, check_first: bool) -> None:
+    async def write_through(self, store: LocalTier, digest: Digest, *, check_first: bool) -> None:
         """Make sure the backing node has ``digest`` (which ``store`` holds)."""
-        client = self.client()
+        remote = self.remote()
         try:
-            if check_first and not await client.cas.find_missing([digest]):
+            if check_first and not await remote.cas.find_missing([digest]):
                 return
             if digest.size <= SMALL_FETCH:
-                await client.cas.put(await store.get(digest), digest)
+                await remote.cas.put(await store.get(digest), digest)
             else:
                 async with store._read_local(digest, 0) as chunks:
-                    await client.cas.put_stream(chunks, digest)
+                    await remote.cas.put_stream(chunks, digest)
         except ConnectionClosed as exc:
             raise self._lost(exc) from None
         self.counters["written_through"] += 1
 
-    async def fetch(self, store: CAS, digest: Digest) -> None:
+    async def fetch(self, store: LocalTier, digest: Digest) -> None:
         """Bring ``digest`` into ``store`` from the backing node, sharing one fetch per blob.
 
         Raises BlobNotFound when the backing node lacks it too, Unavailable when it is down.
         """
         fetch = self._fetches.get(digest)
         if fetch is None:
-            self.client()  # fail fast, before starting anything
+            self.remote()  # fail fast, before starting anything
             fetch = self._fetches[digest] = _Fetch()
             self._nursery.start_soon(self._run_fetch, store, digest, fetch)
         else:
@@ -183,18 +188,18 @@ class Backing:
                 if self._fetches.get(digest) is fetch:
                     del self._fetches[digest]
         if fetch.error is not None:
-            raise _copy(fetch.error)
+            raise fetch.error.copy()
 
-    async def _run_fetch(self, store: CAS, digest: Digest, fetch: _Fetch) -> None:
+    async def _run_fetch(self, store: LocalTier, digest: Digest, fetch: _Fetch) -> None:
         try:
             with fetch.scope:
-                client = self.client()
+                remote = self.remote()
                 self.counters["fetches"] += 1
                 if digest.size <= SMALL_FETCH:
-                    data = await client.cas.get(digest)
+                    data = await remote.cas.get(digest)
                     await store._put_local(bytes_chunks(data), digest)
                 else:
-                    async with client.cas.open_read(digest) as chunks:
+                    async with remote.cas.open_read(digest) as chunks:
                         await store._put_local(chunks, digest)
                 self.counters["fetched_bytes"] += digest.size
         except BlobNotFound:
@@ -220,17 +225,17 @@ class Backing:
 
     # -- action cache ----------------------------------------------------------------------
 
-    async def ac_get(self, action_digest: Digest) -> dict[str, Any] | None:
-        client = self.client()
+    async def ac_get(self, action_digest: Digest) -> ActionResult | None:
+        remote = self.remote()
         try:
-            return await client.ac.get(action_digest)
+            return await remote.ac.get(action_digest)
         except ConnectionClosed as exc:
             raise self._lost(exc) from None
 
-    async def ac_update(self, action_digest: Digest, result: dict[str, Any]) -> None:
-        client = self.client()
+    async def ac_update(self, action_digest: Digest, result: ActionResult) -> None:
+        remote = self.remote()
         try:
-            await client.ac.update(action_digest, result)
+            await remote.ac.update(action_digest, result)
         except ConnectionClosed as exc:
             raise self._lost(exc) from None
 

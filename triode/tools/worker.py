@@ -40,7 +40,7 @@ from ..errors import (
     ToolNotFound,
     TriodeError,
 )
-from ..procgroup import KILL_WAIT, open_process_group
+from ..procgroup import KILL_WAIT, kill_group, open_process_group
 from .protocol import FrameDecoder, LoadFailure, Result, encode_call, parse_hello, parse_result
 from .runtimes import HOW_TO_GET, Runtime
 
@@ -150,7 +150,7 @@ class Worker:
         self._kill_requested = True
         self._stop_requested.set()
         self._wake.set()
-        _killpg(self.pid, signal.SIGKILL)
+        kill_group(self.pid, signal.SIGKILL)
 
     async def wait_stopped(self) -> None:
         """Wait, shielded and bounded, until the group is reaped and the log drained."""
@@ -337,7 +337,7 @@ class Worker:
                     await self.proc.stdin.aclose()  # type: ignore[union-attr]
                     with trio.move_on_after(self.spec.grace):
                         await self.proc.wait()
-                _killpg(self.pid, signal.SIGKILL)
+                kill_group(self.pid, signal.SIGKILL)
             with trio.move_on_after(LOG_WAIT):
                 await self._log_done.wait()
             nursery.cancel_scope.cancel()
@@ -350,13 +350,6 @@ def _not_found(entrypoint: Path, tool: str, tools: tuple[str, ...]) -> ToolNotFo
         tool=tool,
         available=list(tools),
     )
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _process_exit(worker: Worker, what: str) -> ProcessExit:

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from ..errors import FrameTooLarge, ProtocolError
+from ..errors import EncodeError, FrameTooLarge, ProtocolError
 
 __all__ = [
     "HELLO", "CALL", "REPLY", "ERROR", "CANCEL", "DATA", "END", "CREDIT", "PING", "PONG",
@@ -74,12 +74,18 @@ _packer_default = msgpack.Packer(use_bin_type=True, autoreset=True)
 
 
 def encode(message: list[Any] | tuple[Any, ...]) -> bytes:
-    """One message as a whole frame (length prefix included)."""
+    """One message as a whole frame (length prefix included).
+
+    Raises :class:`EncodeError`, not ProtocolError, for a value msgpack cannot hold: the
+    fault is on our side (a caller's argument, a handler's result), not the peer's.
+    """
     try:
-        body = _packer_default.pack(message)
-    except (TypeError, ValueError, OverflowError) as exc:
-        # Raised on *our* side: a handler or caller handed us something msgpack cannot hold.
-        raise ProtocolError(f"cannot encode message: {exc}") from None
+        body: bytes = _packer_default.pack(message)
+    except (TypeError, ValueError, OverflowError, BufferError) as exc:
+        # TypeError: a type msgpack lacks (set, object); OverflowError: an int over 64 bits;
+        # ValueError: a str with surrogates, nesting too deep; BufferError: a strided view.
+        # msgpack resets the packer's buffer on failure, so the next frame is not corrupted.
+        raise EncodeError(f"cannot encode message: {exc}") from None
     return _HEADER.pack(len(body)) + body
 
 

@@ -1,4 +1,4 @@
-"""One Triode connection over any :class:`trio.abc.Stream`.
+"""One Triode connection over any :class:`trio.abc.Stream`: the I/O half.
 
 After a hello from each side, either side may call the other. Calls are multiplexed
 by id (the side that opened the connection uses odd ids, the other even ones). A call
@@ -8,6 +8,11 @@ never stalls the others. The caller's deadline travels with the call, and a call
 that leaves (cancelled, timed out, or done early) sends CANCEL, which cancels the
 handler on the far side.
 
+The rules (ids, credit, the hello, drain, which call may send what) are kept by the
+sans-I/O :class:`~triode.wire.protocol.Protocol`; this module moves the bytes: a
+reader and a writer task, keepalive, the workers that run handlers, and the objects
+callers and handlers hold, which park and wake tasks as the protocol's state changes.
+
 Everything a connection starts lives in the nursery of :func:`open_connection`; the
 connection never cancels the body of that block: when it dies (peer gone, protocol
 error, dead peer) it fails the calls in flight with :class:`ConnectionClosed` instead.
@@ -15,9 +20,6 @@ error, dead peer) it fails the calls in flight with :class:`ConnectionClosed` in
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import itertools
 import logging
 import math
 from collections import deque
@@ -31,7 +33,19 @@ import trio
 from .. import errors
 from ..errors import ConnectionClosed, ProtocolError, TriodeError
 from . import codec
-from .codec import CALL, CANCEL, CREDIT, DATA, END, ERROR, GOODBYE, HELLO, PING, PONG, REPLY
+from .codec import CALL, CANCEL, CREDIT, DATA, END, ERROR, GOODBYE, PING, PONG, REPLY
+from .protocol import (
+    DEFAULT_MAX_CALLS,
+    DEFAULT_WINDOW,
+    PROTOCOL_VERSION,
+    CallState,
+    MadeCall,
+    PeerHello,
+    Protocol,
+    ServedCall,
+    hello_body,
+)
+from .protocol import HELLO_MAX_FRAME as HELLO_MAX_FRAME  # defined here before protocol.py
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -45,12 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("triode.wire")
-
-PROTOCOL_VERSION = 1
-
-#: Frames that arrive before the hello is accepted are held to this size, so an
-#: unauthenticated peer cannot make us buffer a large frame.
-HELLO_MAX_FRAME = 64 * 1024
 
 _RECEIVE_SIZE = 256 * 1024
 
@@ -71,11 +79,11 @@ class ConnectionConfig:
     required_token: str | None = field(default=None, repr=False)
     features: frozenset[str] = frozenset({"zstd"})
     #: Initial credit, in bytes, we grant the peer on each stream it sends us.
-    window: int = 4 * 1024 * 1024
+    window: int = DEFAULT_WINDOW
     #: Largest frame body we accept.
     max_frame: int = codec.DEFAULT_MAX_FRAME
     #: Calls the peer may have open with us at once; more are refused RESOURCE_EXHAUSTED.
-    max_calls: int = 256
+    max_calls: int = DEFAULT_MAX_CALLS
     #: Largest DATA chunk we send.
     max_chunk: int = 1024 * 1024
     #: Bytes queued for the socket before senders of streams and replies must wait.
@@ -86,59 +94,9 @@ class ConnectionConfig:
     handshake_timeout: float = 10.0
 
     def hello(self) -> dict[str, Any]:
-        hello: dict[str, Any] = {
-            "version": PROTOCOL_VERSION,
-            "node": self.node_id,
-            "features": sorted(self.features),
-            "window": self.window,
-            "max_frame": self.max_frame,
-            "max_calls": self.max_calls,
-        }
-        if self.token is not None:
-            hello["token"] = self.token
-        return hello
-
-
-@dataclass(frozen=True)
-class PeerHello:
-    """What the far side said about itself in its hello."""
-
-    version: int
-    node: str
-    features: frozenset[str]
-    window: int
-    max_frame: int
-    max_calls: int
-    token: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def parse(cls, body: dict[str, Any]) -> PeerHello:
-        def need(key: str, typ: type, check: Callable[[Any], bool], what: str) -> Any:
-            value = body.get(key)
-            if type(value) is not typ or not check(value):
-                raise ProtocolError(f"hello field {key!r} must be {what}, got {value!r}")
-            return value
-
-        version = need("version", int, lambda v: v >= 0, "a protocol version number")
-        if version != PROTOCOL_VERSION:
-            raise errors.IncompatibleVersion(
-                f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}; "
-                "upgrade the older of the two",
-                peer_version=version,
-                version=PROTOCOL_VERSION,
-            )
-        features = need("features", list, lambda v: all(isinstance(f, str) for f in v), "a list of strings")
-        token = body.get("token")
-        if token is not None and not isinstance(token, str):
-            raise ProtocolError("hello field 'token' must be a string")
-        return cls(
-            version=version,
-            node=need("node", str, lambda v: 0 < len(v) <= 256, "a node id of 1-256 characters"),
-            features=frozenset(features),
-            window=need("window", int, lambda v: 1024 <= v <= 2**30, "1 KiB to 1 GiB"),
-            max_frame=need("max_frame", int, lambda v: 64 * 1024 <= v <= 2**31, "64 KiB to 2 GiB"),
-            max_calls=need("max_calls", int, lambda v: 1 <= v <= 65536, "1 to 65536"),
-            token=token,
+        return hello_body(
+            node_id=self.node_id, features=self.features, window=self.window,
+            max_frame=self.max_frame, max_calls=self.max_calls, token=self.token,
         )
 
 
@@ -160,47 +118,45 @@ def _wire_error(exc: BaseException) -> TriodeError | None:
     return None
 
 
+def _time_left() -> float | None:
+    """Seconds to the caller's effective deadline (None without one): what a CALL carries."""
+    deadline = trio.current_effective_deadline()
+    if deadline == math.inf:
+        return None
+    return max(deadline - trio.current_time(), 0.0)
+
+
 class _Inbound:
-    """Bytes arriving on one call, buffered up to the credit we granted."""
+    """Bytes arriving on one call, buffered up to the credit we granted (the protocol
+    checks the credit; this holds the chunks and wakes the reader)."""
 
-    __slots__ = ("_conn", "_id", "_chunks", "_ended", "_error", "_lot", "_allowance", "_consumed")
+    __slots__ = ("_conn", "_call", "_chunks", "_error", "_lot")
 
-    def __init__(self, conn: Connection, call_id: int, *, open_: bool) -> None:
+    def __init__(self, conn: Connection, call: CallState) -> None:
         self._conn = conn
-        self._id = call_id
+        self._call = call  # its recv_window: set by the protocol once the call is open
         self._chunks: deque[bytes] = deque()
-        self._ended = not open_
         self._error: TriodeError | None = None
         self._lot = trio.lowlevel.ParkingLot()
-        self._allowance = conn.config.window
-        self._consumed = 0
 
-    def on_data(self, chunk: bytes) -> None:
-        if self._ended:
-            raise ProtocolError(f"DATA on call {self._id} after its stream ended")
-        if len(chunk) > self._allowance:
-            raise ProtocolError(
-                f"peer sent {len(chunk)} bytes on call {self._id} with only {self._allowance} of credit"
-            )
-        self._allowance -= len(chunk)
+    def push(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._lot.unpark_all()
 
-    def on_end(self) -> None:
-        self._ended = True
+    def wake(self) -> None:
+        """The stream ended (the protocol says so); readers find out."""
         self._lot.unpark_all()
 
     def fail(self, error: TriodeError) -> None:
         if self._error is None:
             self._error = error
-        self._ended = True
         self._lot.unpark_all()
 
     async def receive(self) -> bytes | None:
         while not self._chunks:
             if self._error is not None:
                 raise self._error
-            if self._ended:
+            if not self._call.recv_window.open:  # type: ignore[union-attr]  # a stream has one
                 return None
             await self._lot.park()
         chunk = self._chunks.popleft()
@@ -224,56 +180,55 @@ class _Inbound:
         return out
 
     def _credit_back(self, n: int) -> None:
-        self._consumed += n
-        if self._consumed >= self._conn.config.window // 2 and not self._ended:
-            self._allowance += self._consumed
-            self._conn._send_nowait(codec.encode([CREDIT, self._id, self._consumed]))
-            self._consumed = 0
+        conn = self._conn
+        frame = conn._proto.consumed(self._call, n)
+        if frame is not None:
+            conn._send_nowait(frame)
 
 
 class _Outbound:
-    """Credit for the bytes we may still send on one call."""
+    """Sends one call's stream as its credit allows (the protocol keeps the credit)."""
 
-    __slots__ = ("_conn", "_id", "_credit", "_finished", "_lot")
+    __slots__ = ("_conn", "_call", "_lot")
 
-    def __init__(self, conn: Connection, call_id: int) -> None:
+    def __init__(self, conn: Connection, call: CallState) -> None:
         self._conn = conn
-        self._id = call_id
-        self._credit = conn.peer.window
-        self._finished = False
+        self._call = call  # its send_window: set by the protocol once the call is open
         self._lot = trio.lowlevel.ParkingLot()
 
-    def on_credit(self, n: int) -> None:
-        self._credit += n
-        self._lot.unpark_all()
-
-    def finish(self) -> None:
-        self._finished = True
+    def wake(self) -> None:
+        """Credit came, or the stream closed: a parked sender looks again."""
         self._lot.unpark_all()
 
     async def send(self, data: bytes | bytearray | memoryview) -> bool:
         conn = self._conn
+        proto = conn._proto
+        call = self._call
+        window = call.send_window
+        assert window is not None
         view = memoryview(data).cast("B")
         # An immutable buffer (bytes) is queued as it is and written straight from it;
         # anything the caller could change after we return is copied first.
         keep = view.readonly
         chunk_limit = min(conn.config.max_chunk, conn.peer.max_frame - 64)
         while view:
-            while self._credit <= 0 and not self._finished:
+            while window.credit <= 0 and window.open:
                 conn._check_open()
                 await self._lot.park()
-            if self._finished:
+            if not window.open:
                 return False
-            n = min(len(view), self._credit, chunk_limit)
-            self._credit -= n
+            n = proto.take_credit(call, min(len(view), chunk_limit))
             piece = view[:n]
-            await conn._send_frame(codec.data_header(self._id, n), piece if keep else bytes(piece))
+            await conn._send_frame(codec.data_header(call.id, n), piece if keep else bytes(piece))
             view = view[n:]
-        return not self._finished
+        return window.open
 
 
-class OutgoingCall:
-    """The caller's side of a streaming call (from :meth:`Connection.open_call`)."""
+class OutgoingCall(MadeCall):
+    """The caller's side of a streaming call (from :meth:`Connection.open_call`).
+
+    It is also the protocol's record of the call (a :class:`MadeCall`): one object per call.
+    """
 
     def __init__(self, conn: Connection, call_id: int, method: str, *, upload: bool, download: bool) -> None:
         self.id = call_id
@@ -281,8 +236,8 @@ class OutgoingCall:
         self._conn = conn
         self._upload_ended = not upload
         # A unary call has no streams: their state is only made for the directions in use.
-        self._inbound = _Inbound(conn, call_id, open_=True) if download else None
-        self._outbound = _Outbound(conn, call_id) if upload else None
+        self._inbound = _Inbound(conn, self) if download else None
+        self._outbound = _Outbound(conn, self) if upload else None
         self._outcome: tuple[bool, Any] | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None  # made by result(), if it has to wait
         self._waiter: trio.lowlevel.Task | None = None  # Connection.call's task, waiting
@@ -302,8 +257,9 @@ class OutgoingCall:
         """Mark the end of the upload."""
         if not self._upload_ended:
             self._upload_ended = True
-            if self._outcome is None:
-                self._conn._send_nowait(codec.encode([END, self.id]))
+            frame = self._conn._proto.end_upload(self)
+            if frame is not None:
+                self._conn._send_nowait(frame)
 
     async def receive(self) -> bytes | None:
         """The next downloaded chunk; None at the end of the stream."""
@@ -335,17 +291,17 @@ class OutgoingCall:
             return value
         raise errors.from_wire(*value)
 
-    # -- driven by the connection ------------------------------------------------------
+    # -- driven by the connection, once the protocol has marked the call answered ---------
 
     def _resolve(self, ok: bool, value: Any) -> None:
         if self._outcome is not None:
             return
         self._outcome = (ok, value)
         if self._outbound is not None:
-            self._outbound.finish()
+            self._outbound.wake()
         if self._inbound is not None:
             if ok:
-                self._inbound.on_end()
+                self._inbound.wake()
             else:
                 self._inbound.fail(errors.from_wire(*value))
         if self._waiter is not None:
@@ -355,8 +311,11 @@ class OutgoingCall:
             self._lot.unpark_all()
 
 
-class IncomingCall:
-    """The handler's side of a call: its arguments, the upload, and the download stream."""
+class IncomingCall(ServedCall):
+    """The handler's side of a call: its arguments, the upload, and the download stream.
+
+    It is also the protocol's record of the call (a :class:`ServedCall`): one object per call.
+    """
 
     def __init__(
         self,
@@ -375,10 +334,9 @@ class IncomingCall:
         self.connection = conn
         self.deadline = deadline
         self.download = download
-        self._inbound = _Inbound(conn, call_id, open_=True) if upload else None
-        self._outbound = _Outbound(conn, call_id) if download else None
+        self._inbound = _Inbound(conn, self) if upload else None
+        self._outbound = _Outbound(conn, self) if download else None
         self._scope = trio.CancelScope(deadline=deadline)
-        self._cancel_requested = False
 
     @property
     def peer(self) -> PeerHello:
@@ -428,15 +386,22 @@ class Connection:
     ) -> None:
         self.stream = stream
         self.config = config
-        self._lookup = handlers
         self._initiator = initiator
-        self._ids = itertools.count(1 if initiator else 2, 2)
-        self._peer_parity = 0 if initiator else 1
+        self._proto: Protocol[OutgoingCall, IncomingCall] = Protocol(
+            initiator=initiator,
+            node_id=config.node_id,
+            window=config.window,
+            max_frame=config.max_frame,
+            max_calls=config.max_calls,
+            features=config.features,
+            token=config.token,
+            required_token=config.required_token,
+            lookup=handlers,
+            new_made=self._new_outgoing,
+            new_served=self._new_incoming,
+        )
         self.peer: PeerHello  # set by the handshake
-        self._calls: dict[int, OutgoingCall] = {}
-        self._served: dict[int, IncomingCall] = {}
-        self._decoder = codec.Decoder(HELLO_MAX_FRAME)
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._space_lot = trio.lowlevel.ParkingLot()
@@ -445,13 +410,8 @@ class Connection:
         self._closed = trio.Event()
         self._served_idle = trio.Event()
         self._served_idle.set()
-        self.close_reason: ConnectionClosed | None = None
-        self._draining = False
-        self._peer_draining = False
         self._call_slots = trio.Semaphore(1)  # replaced by the peer's max_calls in the hello
         self._last_receive = 0.0
-        self._ping_nonce = itertools.count()
-        self._last_peer_id = 0
         # Calls from the peer wait here for a worker task (see _worker).
         self._pending: deque[tuple[IncomingCall, Handler]] = deque()
         self._idle_workers: list[trio.lowlevel.Task] = []
@@ -463,6 +423,11 @@ class Connection:
         return self._closed.is_set()
 
     @property
+    def close_reason(self) -> ConnectionClosed | None:
+        """Why the connection closed; None while it is open."""
+        return self._proto.close_reason
+
+    @property
     def features(self) -> frozenset[str]:
         """Features both sides support."""
         return self.config.features & self.peer.features
@@ -470,7 +435,7 @@ class Connection:
     @property
     def serving(self) -> int:
         """Calls from the peer that we are handling right now."""
-        return len(self._served)
+        return len(self._proto.served)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -480,13 +445,16 @@ class Connection:
 
         The caller's deadline (its enclosing cancel scopes) travels with the call.
         """
-        # The hot path: the same steps as _start_call, without a context manager.
-        meta = self._call_meta(upload=False, download=False)
+        # The hot path: the same steps as _start_call, without a context manager, and
+        # with the protocol's check and _time_left() inlined.
+        proto = self._proto
+        if proto.close_reason is not None or proto.peer_draining:
+            proto.check_can_call()
+        deadline = trio.current_effective_deadline()
+        timeout = max(deadline - trio.current_time(), 0.0) if deadline != math.inf else None
         await self._acquire_slot()
         try:
-            call_id, frame = self._encode_call(method, args, meta)
-            call = OutgoingCall(self, call_id, method, upload=False, download=False)
-            self._calls[call_id] = call
+            call, frame = proto.start_call(method, args, timeout, False, False)
             try:
                 await self._send_frame(frame)
                 if call._outcome is None:
@@ -504,6 +472,7 @@ class Connection:
                 self._forget(call)
         finally:
             self._call_slots.release()
+        assert call._outcome is not None
         ok, value = call._outcome
         if ok:
             return value
@@ -519,14 +488,15 @@ class Connection:
 
     def drain(self) -> None:
         """Tell the peer we start no new calls and accept none; calls in flight go on."""
-        if not self._draining and not self.closed:
-            self._draining = True
-            self._send_nowait(codec.encode([GOODBYE, "node is shutting down"]))
+        frame = self._proto.drain()
+        if frame is not None:
+            self._send_nowait(frame)
 
     async def wait_idle(self) -> None:
         """Wait until no call from the peer is being handled and everything queued is written."""
-        while not self.closed and (self._served or self._out_bytes):
-            if self._served:
+        served = self._proto.served
+        while not self.closed and (served or self._out_bytes):
+            if served:
                 await self._served_idle.wait()
             else:
                 await self._space_lot.park()
@@ -538,55 +508,27 @@ class Connection:
     # -- calls we make ---------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self.close_reason is not None:
-            raise ConnectionClosed(self.close_reason.message, **self.close_reason.details)
-
-    def _call_meta(self, *, upload: bool, download: bool) -> dict[str, Any]:
-        self._check_open()
-        if self._peer_draining:
-            raise ConnectionClosed(f"node {self.peer.node} is shutting down", node=self.peer.node)
-        meta: dict[str, Any] = {}
-        deadline = trio.current_effective_deadline()
-        if deadline != math.inf:
-            meta["timeout"] = max(deadline - trio.current_time(), 0.0)
-        if upload:
-            meta["up"] = True
-        if download:
-            meta["down"] = True
-        return meta
-
-    def _encode_call(self, method: str, args: Any, meta: dict[str, Any]) -> tuple[int, bytes]:
-        call_id = next(self._ids)
-        try:
-            frame = codec.encode([CALL, call_id, method, args, meta])
-        except ProtocolError as exc:
-            raise errors.InvalidArgument(f"arguments of {method} cannot be sent: {exc}") from None
-        if len(frame) - 4 > self.peer.max_frame:
-            raise errors.TooLarge(
-                f"arguments of {method} are {len(frame) - 4} bytes, over node {self.peer.node}'s "
-                f"frame limit of {self.peer.max_frame}; stream large data instead",
-                size=len(frame) - 4, limit=self.peer.max_frame,
-            )
-        return call_id, frame
+        if self._proto.close_reason is not None:
+            self._proto.check_open()
 
     def _forget(self, call: OutgoingCall) -> None:
         """The caller is done with ``call``: unanswered, it is cancelled on the far side."""
-        del self._calls[call.id]
+        frame = self._proto.forget(call)
         if call._outcome is None:
             call._resolve(False, ("CANCELLED", "call left before its answer", {}))
-            if self.close_reason is None:
-                self._send_nowait(codec.encode([CANCEL, call.id]))
+        if frame is not None:
+            self._send_nowait(frame)
 
     @asynccontextmanager
     async def _start_call(
         self, method: str, args: Any, *, upload: bool, download: bool
     ) -> AsyncIterator[OutgoingCall]:
-        meta = self._call_meta(upload=upload, download=download)
+        proto = self._proto
+        proto.check_can_call()
+        timeout = _time_left()
         await self._acquire_slot()
         try:
-            call_id, frame = self._encode_call(method, args, meta)
-            call = OutgoingCall(self, call_id, method, upload=upload, download=download)
-            self._calls[call_id] = call
+            call, frame = proto.start_call(method, args, timeout, upload, download)
             try:
                 await self._send_frame(frame)
                 yield call
@@ -612,7 +554,7 @@ class Connection:
         them pile up: past ``send_buffer`` plus one frame plus CONTROL_SLACK queued bytes
         the connection is closed instead.
         """
-        if self.close_reason is None:
+        if self._proto.close_reason is None:
             # Our own frame limit, not the peer's: a peer may claim a huge max_frame.
             largest = min(self.peer.max_frame, self.config.max_frame)
             if self._out_bytes > self.config.send_buffer + largest + CONTROL_SLACK:
@@ -635,7 +577,8 @@ class Connection:
         while self._out_bytes >= self.config.send_buffer:
             self._check_open()
             await self._space_lot.park()
-        self._check_open()
+        if self._proto.close_reason is not None:
+            self._proto.check_open()
         self._queue(*pieces)
 
     async def _writer(self) -> None:
@@ -661,7 +604,7 @@ class Connection:
     # -- the reader ------------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        decoder = self._decoder
+        decoder = self._proto.decoder
         while True:
             # First what is already buffered: a client may send its first calls right
             # behind its hello, in the same packet.
@@ -674,110 +617,67 @@ class Connection:
             decoder.receive_data(data)
 
     def _dispatch(self, m: list[Any]) -> None:
+        """Hand a message to the protocol, then wake whoever its state change concerns."""
         kind = m[0]
+        proto = self._proto
         if kind == DATA:
-            call = self._call_for(m[1])
+            call = proto.on_data(m[1], m[2])
             if call is not None:
-                if call._inbound is None:
-                    raise ProtocolError(f"DATA on call {m[1]}, which has no stream in that direction")
-                call._inbound.on_data(m[2])
+                call._inbound.push(m[2])  # type: ignore[union-attr]  # the protocol checked it has one
         elif kind == CALL:
-            self._on_call(m[1], m[2], m[3], m[4])
+            served = proto.on_call(m[1], m[2], m[3], m[4])
+            if isinstance(served, bytes):  # refused
+                self._send_nowait(served)
+                return
+            # Hand it to a worker (inline: the hot path).
+            if self._served_idle.is_set():  # replace only a spent event: a waiter holds the live one
+                self._served_idle = trio.Event()
+            self._pending.append((served, served.handler))
+            if self._idle_workers:
+                # Taken off the list here, so the next call wakes (or starts) another.
+                trio.lowlevel.reschedule(self._idle_workers.pop())
+            else:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._worker)
         elif kind == REPLY:
-            call = self._calls.get(m[1])
-            if call is not None:
-                call._resolve(True, m[2])
+            made = proto.on_reply(m[1])
+            if made is not None:
+                made._resolve(True, m[2])
         elif kind == ERROR:
-            if m[1] == 0:
-                # The peer gave up on the connection and says why; answering it is pointless.
-                raise ConnectionClosed(
-                    f"node {self.peer.node} closed the connection: {m[2]}: {m[3]}",
-                    node=self.peer.node, code=m[2],
-                )
-            call = self._calls.get(m[1])
-            if call is not None:
-                call._resolve(False, (m[2], m[3], m[4]))
+            made = proto.on_error(m[1], m[2], m[3])
+            if made is not None:
+                made._resolve(False, (m[2], m[3], m[4]))
         elif kind == CREDIT:
-            call = self._call_for(m[1])
-            if call is not None and call._outbound is not None:
-                call._outbound.on_credit(m[2])
+            call = proto.on_credit(m[1], m[2])
+            if call is not None:
+                call._outbound.wake()  # type: ignore[union-attr]  # the protocol checked it has one
         elif kind == END:
-            call = self._call_for(m[1])
-            if call is not None and call._inbound is not None:
-                call._inbound.on_end()
+            call = proto.on_end(m[1])
+            if call is not None:
+                call._inbound.wake()  # type: ignore[union-attr]  # the protocol checked it has one
         elif kind == CANCEL:
-            served = self._served.get(m[1])
-            if served is not None:
-                served._cancel_requested = True
-                served._scope.cancel()
+            cancelled = proto.on_cancel(m[1])
+            if cancelled is not None:
+                cancelled._scope.cancel()
         elif kind == PING:
-            self._send_nowait(codec.encode([PONG, m[1]]))
+            self._send_nowait(proto.on_ping(m[1]))
         elif kind == PONG:
             pass
         elif kind == GOODBYE:
-            self._peer_draining = True
+            proto.on_goodbye(m[1])
         else:  # HELLO
-            raise ProtocolError(f"unexpected {codec.KIND_NAMES[kind]} after the handshake")
-
-    def _call_for(self, call_id: int) -> IncomingCall | OutgoingCall | None:
-        """The live call a stream frame is about: one we serve or one we made, by parity.
-
-        None for a call that has finished: frames that crossed its end are dropped.
-        """
-        if call_id % 2 == self._peer_parity:
-            return self._served.get(call_id)
-        return self._calls.get(call_id)
+            proto.on_hello()
 
     # -- calls we serve --------------------------------------------------------------------
 
-    def _on_call(self, call_id: int, method: str, args: Any, meta: dict[str, Any]) -> None:
-        if call_id % 2 != self._peer_parity or call_id == 0:
-            raise ProtocolError(f"call id {call_id} has the wrong parity for this side")
-        if call_id <= self._last_peer_id:
-            raise ProtocolError(
-                f"call id {call_id} is not above the last one ({self._last_peer_id}); ids must increase"
-            )
-        self._last_peer_id = call_id
+    def _new_outgoing(self, call_id: int, method: str, upload: bool, download: bool) -> OutgoingCall:
+        return OutgoingCall(self, call_id, method, upload=upload, download=download)
 
-        def refuse(err: TriodeError) -> None:
-            code, message, details = err.to_wire()
-            self._send_nowait(codec.encode([ERROR, call_id, code, message, details]))
-
-        if self._draining:
-            return refuse(errors.Unavailable(f"node {self.config.node_id} is shutting down"))
-        if len(self._served) >= self.config.max_calls:
-            return refuse(
-                errors.ResourceExhausted(
-                    f"over {self.config.max_calls} calls in flight on one connection",
-                    retry_after=0.1,
-                )
-            )
-        handler = self._lookup(method) if self._lookup is not None else None
-        if handler is None:
-            return refuse(errors.Unimplemented(f"node {self.config.node_id} has no method {method!r}"))
-        timeout = meta.get("timeout")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout != timeout):
-            raise ProtocolError(f"CALL meta 'timeout' must be a number of seconds, got {timeout!r}")
-        deadline = trio.current_time() + max(timeout, 0.0) if timeout is not None else math.inf
-        call = IncomingCall(
-            self,
-            call_id,
-            method,
-            args,
-            upload=bool(meta.get("up")),
-            download=bool(meta.get("down")),
-            deadline=deadline,
-        )
-        self._served[call_id] = call
-        if self._served_idle.is_set():  # replace only a spent event: a waiter holds the live one
-            self._served_idle = trio.Event()
-        self._pending.append((call, handler))
-        if self._idle_workers:
-            # Taken off the list here, so the next call wakes (or starts) another.
-            trio.lowlevel.reschedule(self._idle_workers.pop())
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._worker)
+    def _new_incoming(
+        self, call_id: int, method: str, args: Any, timeout: float | None, upload: bool, download: bool
+    ) -> IncomingCall:
+        deadline = trio.current_time() + timeout if timeout is not None else math.inf
+        return IncomingCall(self, call_id, method, args, upload=upload, download=download, deadline=deadline)
 
     async def _worker(self) -> None:
         """Serve calls one after another, then wait for the next.
@@ -802,16 +702,18 @@ class Connection:
                 await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def _serve(self, call: IncomingCall, handler: Handler) -> None:
-        # The call stays in _served until its answer is queued for the socket, so a
-        # draining node (wait_idle) does not close the connection under an unsent reply.
+        # The call stays in the protocol's ``served`` until its answer is queued for the
+        # socket, so a draining node (wait_idle) does not close the connection under an
+        # unsent reply. The protocol gives no frame for a cancelled call: no answer then.
+        proto = self._proto
         try:
             frame: bytes | None = None
             try:
                 with call._scope:
                     result = await handler(call)
-                    frame = self._answer(call, ok=True, value=result)
-                if call._scope.cancelled_caught and not call._cancel_requested and frame is None:
-                    frame = self._answer(call, ok=False, value=errors.DeadlineExceeded(
+                    frame = proto.reply(call, result)
+                if call._scope.cancelled_caught and not call.cancelled and frame is None:
+                    frame = proto.reply_error(call, errors.DeadlineExceeded(
                         f"{call.method} passed its deadline on node {self.config.node_id}"
                     ))
             except Exception as exc:
@@ -819,106 +721,56 @@ class Connection:
                 if err is None:
                     log.exception("handler for %s failed", call.method)
                     err = errors.Internal(f"{call.method} failed on node {self.config.node_id}: {exc!r}")
-                frame = self._answer(call, ok=False, value=err)
+                frame = proto.reply_error(call, err)
             if call._outbound is not None:
-                call._outbound.finish()
-            if frame is not None and not call._cancel_requested:
+                call._outbound.wake()
+            if frame is not None and not call.cancelled:
                 try:
                     await self._send_frame(frame)
                 except ConnectionClosed:
                     pass
         finally:
+            proto.served_done(call)
             if call._outbound is not None:
-                call._outbound.finish()
-            del self._served[call.id]
-            if not self._served:
+                call._outbound.wake()
+            if not proto.served:
                 self._served_idle.set()
-
-    def _answer(self, call: IncomingCall, *, ok: bool, value: Any) -> bytes:
-        """The REPLY or ERROR frame for a finished call; never raises.
-
-        A result msgpack cannot hold, or one larger than the peer accepts, becomes an
-        error for that call alone rather than a broken connection.
-        """
-        if ok:
-            try:
-                frame = codec.encode([REPLY, call.id, value])
-            except ProtocolError as exc:
-                log.error("handler for %s returned a value that cannot be sent: %s", call.method, exc)
-                value = errors.Internal(f"{call.method} on node {self.config.node_id} returned a value "
-                                        f"that cannot be sent: {exc}")
-            else:
-                if len(frame) - 4 <= self.peer.max_frame:
-                    return frame
-                value = errors.TooLarge(
-                    f"the result of {call.method} is {len(frame) - 4} bytes, over the peer's frame limit "
-                    f"of {self.peer.max_frame}; stream it instead",
-                    size=len(frame) - 4, limit=self.peer.max_frame,
-                )
-        code, message, details = value.to_wire()
-        try:
-            frame = codec.encode([ERROR, call.id, code, message, details])
-        except ProtocolError:  # details held something msgpack cannot: send the message only
-            frame = codec.encode([ERROR, call.id, code, message, {}])
-        if len(frame) - 4 > self.peer.max_frame:
-            frame = codec.encode([ERROR, call.id, code, message[:1000], {}])
-        return frame
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def _handshake(self) -> None:
-        """Exchange hellos. The initiator speaks first; the acceptor checks version and token.
+        """Exchange hellos. The initiator speaks first; the protocol checks the peer's.
 
         An acceptor that refuses a hello says why in an ERROR with call id 0 before it
         hangs up, so the client can show the reason (bad token, wrong version).
         """
+        proto = self._proto
         if self._initiator:
-            await self.stream.send_all(codec.encode([HELLO, self.config.hello()]))
+            await self.stream.send_all(proto.hello_frame())
         try:
-            message = await self._receive_one()
-            if message[0] == ERROR and message[1] == 0:
-                raise errors.from_wire(message[2], message[3], message[4])
-            if message[0] != HELLO:
-                raise ProtocolError(f"expected HELLO, got {codec.KIND_NAMES[message[0]]}")
-            self.peer = PeerHello.parse(message[1])
-            self._check_token()
+            self.peer = proto.receive_hello(await self._receive_one())
         except ConnectionClosed:
             raise
         except TriodeError as err:
             if not self._initiator:
                 with trio.move_on_after(1):
                     try:
-                        await self.stream.send_all(codec.encode([ERROR, 0, *err.to_wire()]))
+                        await self.stream.send_all(proto.refusal_frame(err))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             raise
         if not self._initiator:
-            await self.stream.send_all(codec.encode([HELLO, self.config.hello()]))
-        self._decoder.max_frame = self.config.max_frame
+            await self.stream.send_all(proto.hello_frame())
         self._call_slots = trio.Semaphore(self.peer.max_calls)
         self._last_receive = trio.current_time()
 
-    def _check_token(self) -> None:
-        """Compare the offered token with ours in constant time (hashes hide the length too)."""
-        required = self.config.required_token
-        if required is None:
-            return
-        offered = self.peer.token or ""
-        if not hmac.compare_digest(
-            hashlib.sha256(offered.encode()).digest(), hashlib.sha256(required.encode()).digest()
-        ):
-            raise errors.AuthenticationFailed(
-                f"node {self.config.node_id} requires a token and "
-                + ("none was given" if not offered else "the one given is wrong")
-                + " (pass the node's token with --token-file or token=)"
-            )
-
     async def _receive_one(self) -> list[Any]:
-        while (message := self._decoder.next_message()) is None:
+        decoder = self._proto.decoder
+        while (message := decoder.next_message()) is None:
             data = await self.stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 raise ConnectionClosed("the peer closed the connection during the hello")
-            self._decoder.receive_data(data)
+            decoder.receive_data(data)
         return message
 
     async def _keepalive(self) -> None:
@@ -939,7 +791,7 @@ class Connection:
                     node=self.peer.node,
                 )
             if idle >= interval:
-                self._send_nowait(codec.encode([PING, next(self._ping_nonce) & 0x7FFFFFFF]))
+                self._send_nowait(self._proto.ping())
                 wait = min(interval, dead_after - idle)
             else:
                 wait = min(interval, dead_after) - idle
@@ -955,7 +807,7 @@ class Connection:
             if isinstance(exc, ProtocolError) and self.close_reason is None:
                 log.warning("closing connection to %s: %s", self.peer.node, exc)
                 # Best effort: tell the peer why, then close.
-                self._send_nowait(codec.encode([ERROR, 0, *exc.to_wire()]))
+                self._send_nowait(self._proto.refusal_frame(exc))
                 with trio.move_on_after(1):
                     while self._out_bytes:
                         await self._space_lot.park()
@@ -974,13 +826,12 @@ class Connection:
             )
 
     def _close(self, reason: ConnectionClosed) -> None:
-        if self.close_reason is not None:
+        proto = self._proto
+        if not proto.close(reason):
             return
-        self.close_reason = reason
-        for call in list(self._calls.values()):
-            call._resolve(False, (reason.code, reason.message, reason.details))
-        for served in list(self._served.values()):
-            served._cancel_requested = True
+        for made in list(proto.made.values()):
+            made._resolve(False, (reason.code, reason.message, reason.details))
+        for served in list(proto.served.values()):
             served._scope.cancel()
         self._space_lot.unpark_all()
         self._scope.cancel()

@@ -53,7 +53,7 @@ _MIN_SAVING = 1 / 32
 def check_encoding(value: object) -> str:
     if value not in ENCODINGS:
         raise InvalidArgument(f"encoding must be one of {', '.join(ENCODINGS)}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_level(value: object) -> int:

@@ -75,7 +75,9 @@ async def pump(
     async def prepare() -> None:
         async with tx:
             async for chunk in chunks:
-                pieces = [chunk] if encoder is None else await encode(encoder, chunk)
+                pieces: list[bytes | memoryview] = [chunk]
+                if encoder is not None:
+                    pieces = [*await encode(encoder, chunk)]
                 await tx.send((len(chunk), pieces))
 
     stopped = False
