@@ -20,7 +20,7 @@ import triode
 PACKAGE = Path(triode.__file__).parent
 
 #: Rank of each layer: a module imports only from lower ranks, or from its own part.
-SHARED = 0  # errors, version, model, chunks, concurrency, procgroup
+SHARED = 0  # errors, version, model, proto, chunks, concurrency, procgroup
 WIRE = 1
 CORE = 2  # storage, engine, tools, sched: none imports another
 CLIENT = 3  # on the wire and the shared layer only
@@ -88,7 +88,7 @@ def rank(module: str) -> int:
     if module in ("triode", "triode.__main__", "triode.testing") or parts[1:2] == ["cli"]:
         return TOP
     head = parts[1]
-    if head in ("errors", "version", "model", "chunks", "concurrency", "procgroup"):
+    if head in ("errors", "version", "model", "proto", "chunks", "concurrency", "procgroup"):
         return SHARED
     if head == "wire":
         return WIRE
