@@ -95,8 +95,8 @@ class FakePlacement:
     def spare(self) -> int:
         return sum(self.free.values())
 
-    async def forward(self, peer: str, job: Job, accepted) -> dict[str, Any]:
-        """As a cluster's: the peer's reply as it came off the wire."""
+    async def forward(self, peer: str, job: Job, accepted) -> ExecuteOutcome:
+        """As a cluster's: the peer's reply, decoded and checked as the cluster does."""
         try:
             how = self.behaviour.get(peer, "ok")
             await trio.lowlevel.checkpoint()
@@ -110,9 +110,9 @@ class FakePlacement:
                 raise PeerLost(peer, "connection closed")
             await self.gates.setdefault(job.key, trio.Event()).wait()
             if how == "garbage":
-                return {"action_digest": Digest.of(job.key.encode()).to_wire(), "cached": False,
-                        "result": {"exit_code": "0"}}
-            return outcome(job.key, node=peer).to_wire()
+                return ExecuteOutcome.from_wire({"action_digest": Digest.of(job.key.encode()).to_wire(),
+                                                 "cached": False, "result": {"exit_code": "0"}})
+            return ExecuteOutcome.from_wire(outcome(job.key, node=peer).to_wire())
         finally:
             if self.behaviour.get(peer, "ok") == "ok":
                 self.free[peer] += 1

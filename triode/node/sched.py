@@ -28,9 +28,10 @@ import msgpack
 from ..client import connect
 from ..client.cas import RemoteCAS
 from ..concurrency import open_service_nursery
-from ..errors import BlobNotFound, FailedPrecondition, InvalidArgument
+from ..errors import BlobNotFound, FailedPrecondition, InvalidArgument, TriodeError
 from ..model.digest import Digest
 from ..model.result import ExecuteOutcome, ExecuteRequest
+from ..model.store import BlobStore
 from ..sched.cluster import Cluster
 from ..sched.job import Job
 from ..sched.metrics import Registry, numeric_leaves
@@ -48,6 +49,8 @@ __all__ = ["SchedPart", "open_sched", "EngineExecutor"]
 log = logging.getLogger("triode.sched")
 
 MAX_LIST = 10_000
+#: Bytes of a proxied watch held while one snapshot arrives (a snapshot is far smaller).
+WATCH_BUFFER = 8 * 1024 * 1024
 
 
 class EngineExecutor:
@@ -108,6 +111,65 @@ async def push_inputs_from(node: Node, conn: Connection, job: Job) -> None:
                     await remote.put_stream(chunks, digest)
             except BlobNotFound:
                 continue
+
+
+async def pull_outputs_from(node: Node, conn: Connection, outcome: ExecuteOutcome) -> None:
+    """Bring the blobs ``outcome`` refers to that our store lacks from the peer at the other
+    end of ``conn``: small ones in batch reads of bounded size, large ones streamed into the
+    store (never whole in memory), each verified against its digest as it is stored. A peer
+    that shares our backing node has written them through, so nothing is fetched.
+
+    Raises BlobNotFound when the peer lacks one, and ConnectionClosed when it goes away.
+    """
+    storage = node.parts.get("storage")
+    local: BlobStore | None = getattr(storage, "cas", None)
+    if local is None:
+        return
+    missing = await local.find_missing(outcome.result.blobs())
+    if not missing:
+        return
+    remote = RemoteCAS(conn)
+    small = [d for d in missing if d.size <= SMALL_INPUT]
+    start = 0
+    while start < len(small):
+        batch: list[Digest] = []
+        held = 0
+        while start < len(small) and (not batch or held + small[start].size <= PUSH_BATCH):
+            batch.append(small[start])
+            held += small[start].size
+            start += 1
+        found = await remote.batch_read(batch)
+        blobs = []
+        for digest in batch:
+            data = found.get(digest)
+            if data is None:
+                raise BlobNotFound(f"blob {digest} of the result is not stored on node {conn.peer.node}",
+                                   digest=str(digest))
+            blobs.append((digest, data))
+        for error in (await local.batch_update(blobs)).values():
+            if error is not None:
+                raise error
+    for digest in missing:
+        if digest.size > SMALL_INPUT:
+            async with remote.open_read(digest) as chunks:
+                await local.put_stream(chunks, digest)
+
+
+async def adopt_forwarded(node: Node, conn: Connection, job: Job, outcome: ExecuteOutcome) -> None:
+    """Make a peer's outcome ours: its blobs in our store, and (when it is worth reusing) its
+    result in our action cache, so that the same action asked of this node again is a hit."""
+    await pull_outputs_from(node, conn, outcome)
+    result = outcome.result
+    action = job.action
+    if result.exit_code != 0 or result.timed_out or getattr(action, "do_not_cache", True):
+        return
+    ac = getattr(node.parts.get("storage"), "ac", None)
+    if ac is None:
+        return
+    try:
+        await ac.update(outcome.action_digest, result)
+    except (TriodeError, OSError) as exc:  # the answer stands; it is just not cached here
+        log.warning("could not cache the forwarded result of %s: %s", outcome.action_digest, exc)
 
 
 class SchedPart:
@@ -187,16 +249,26 @@ class SchedPart:
         op = await self.scheduler.admit(Job.of(request), priority=request.priority, detached=True)
         return op.to_wire()
 
+    async def _whole(self, conn: Connection, op: dict[str, Any]) -> dict[str, Any]:
+        """An operation map from its owner, once every blob its outcome refers to can be read
+        here too: whichever node a client asks, the answer is whole there."""
+        wire = op.get("outcome") if isinstance(op, dict) else None
+        if wire is not None:
+            await pull_outputs_from(self.node, conn, ExecuteOutcome.from_wire(wire))
+        return op
+
     async def h_get(self, call: IncomingCall) -> dict[str, Any]:
         name, owner = self._owner(call.args)
         if owner != self.node.id:
-            return await self.cluster.connection_to(owner).call("sched.get", {"name": name})
+            conn = self.cluster.connection_to(owner)
+            return await self._whole(conn, await conn.call("sched.get", {"name": name}))
         return self._local(name).to_wire()
 
     async def h_wait(self, call: IncomingCall) -> dict[str, Any]:
         name, owner = self._owner(call.args)
         if owner != self.node.id:
-            return await self.cluster.connection_to(owner).call("sched.wait", {"name": name})
+            conn = self.cluster.connection_to(owner)
+            return await self._whole(conn, await conn.call("sched.wait", {"name": name}))
         op = await self.scheduler.wait(self._local(name))
         return op.to_wire()
 
@@ -211,9 +283,12 @@ class SchedPart:
         if owner != self.node.id:
             conn = self.cluster.connection_to(owner)
             async with conn.open_call("sched.watch", {"name": name}) as remote:
+                unpacker = msgpack.Unpacker(raw=False, max_buffer_size=WATCH_BUFFER)
                 async for chunk in remote:
-                    await call.send(chunk)
-                return await remote.result()
+                    unpacker.feed(chunk)
+                    for snapshot in unpacker:
+                        await call.send(msgpack.packb(await self._whole(conn, snapshot)))
+                return await self._whole(conn, await remote.result())
         op = self._local(name)
         async for snapshot in self.scheduler.watch(op):
             await call.send(msgpack.packb(snapshot.to_wire()))
@@ -259,6 +334,9 @@ async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
     async def push(conn: Connection, job: Job) -> None:
         await push_inputs_from(node, conn, job)
 
+    async def adopt(conn: Connection, job: Job, outcome: ExecuteOutcome) -> None:
+        await adopt_forwarded(node, conn, job, outcome)
+
     ssl_context = node.client_ssl_context()
 
     @asynccontextmanager
@@ -277,6 +355,7 @@ async def open_sched(node: Node) -> AsyncIterator[SchedPart]:
         seeds=tuple(config.peers),
         dial=dial,
         push_inputs=push if node.parts.get("storage") is not None else None,
+        pull_outputs=adopt if node.parts.get("storage") is not None else None,
     )
     scheduler = Scheduler(
         node=node.id,

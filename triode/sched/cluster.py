@@ -21,6 +21,7 @@ import msgpack
 import trio
 
 from ..errors import (
+    BlobNotFound,
     ConnectionClosed,
     NotFound,
     ResourceExhausted,
@@ -28,6 +29,7 @@ from ..errors import (
     Unavailable,
     Unimplemented,
 )
+from ..model.result import ExecuteOutcome
 from ..wire.connection import Connection
 from ..wire.transport import format_address, parse_address
 from .job import Job, NotAccepted, PeerLost
@@ -38,6 +40,10 @@ __all__ = ["Cluster"]
 log = logging.getLogger("triode.sched.cluster")
 
 PushInputs = Callable[[Connection, Job], Awaitable[None]]
+#: Brings what a peer's outcome refers to (stdout, stderr, outputs) into this node's store
+#: over the peer's connection, so that the answer this node gives refers only to blobs it
+#: can serve itself (docs/design.md, "A forwarded result is whole where it was asked").
+PullOutputs = Callable[[Connection, Job, ExecuteOutcome], Awaitable[None]]
 #: Opens a connection to the peer at ADDRESS, with liveness timers scaled to the gossip
 #: interval (the second argument). The node supplies it: the cluster knows no client.
 Dial = Callable[[str, float], AbstractAsyncContextManager[Connection]]
@@ -65,6 +71,7 @@ class Cluster:
         dial: Dial,
         interval: float = 0.5,
         push_inputs: PushInputs | None = None,
+        pull_outputs: PullOutputs | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.node = node
@@ -74,6 +81,7 @@ class Cluster:
         self.membership = Membership(me=node, my_address=address(), seeds=seeds, interval=interval, rng=rng)
         self.dial = dial
         self.push_inputs = push_inputs
+        self.pull_outputs = pull_outputs
         self.load: Callable[[], dict[str, int]] = dict
         self.poke: Callable[[], None] = lambda: None
         self.load_changed: Callable[[], Awaitable[None]] | None = None
@@ -209,7 +217,23 @@ class Cluster:
     def spare(self) -> int:
         return sum(peer.free for peer in self.membership.candidates())
 
-    async def forward(self, address: str, job: Job, accepted: Callable[[str], None]) -> dict[str, Any]:
+    async def forward(self, address: str, job: Job, accepted: Callable[[str], None]) -> ExecuteOutcome:
+        conn, outcome = await self._run_on(address, job, accepted)
+        if self.pull_outputs is not None:
+            # After the peer's slot is released: it is free for others while we copy.
+            try:
+                await self.pull_outputs(conn, job, outcome)
+            except (BlobNotFound, ConnectionClosed, Unavailable) as exc:
+                # The peer answered but cannot hand over what it made (gone, evicted, its
+                # store failed): the result is of no use here; run the action elsewhere.
+                if isinstance(exc, ConnectionClosed):
+                    self.membership.lost(address, trio.current_time())
+                raise PeerLost(address, f"its outputs cannot be read: {exc}") from None
+        return outcome
+
+    async def _run_on(
+        self, address: str, job: Job, accepted: Callable[[str], None]
+    ) -> tuple[Connection, ExecuteOutcome]:
         peer = self.membership.peers.get(address)
         was_accepted = refused = False
         try:
@@ -232,7 +256,7 @@ class Cluster:
                         self.membership.accepted(peer)
                         message = msgpack.unpackb(first)
                         accepted(str(message.get("operation", "")) if isinstance(message, dict) else "")
-                    return await call.result()
+                    return conn, ExecuteOutcome.from_wire(await call.result())
             except ResourceExhausted as exc:
                 if was_accepted:
                     raise

@@ -98,9 +98,9 @@ class Placement(Protocol):
         """Free slots on peers, as far as we know (admission does not queue what they can take)."""
         ...
 
-    async def forward(self, peer: str, job: Job, accepted: Callable[[str], None]) -> dict[str, Any]:
+    async def forward(self, peer: str, job: Job, accepted: Callable[[str], None]) -> ExecuteOutcome:
         """Run the job on ``peer``; call ``accepted(remote_name)`` once it took it. Returns
-        the peer's reply as it came off the wire (the scheduler decodes and checks it).
+        the peer's outcome, checked, once every blob it refers to can be read here.
 
         Releases the slot :meth:`pick` reserved, however it ends. Raises
         :class:`NotAccepted` or :class:`PeerLost`, or the job's own TriodeError.

@@ -239,7 +239,7 @@ class Scheduler:
         try:
             with scope:
                 try:
-                    outcome = ExecuteOutcome.from_wire(await self.placement.forward(peer, job, accepted))
+                    outcome = await self.placement.forward(peer, job, accepted)
                 except NotAccepted as exc:
                     log.info("%s: %s; placing it again", op.name, exc)
                     self.c_refused.inc()
