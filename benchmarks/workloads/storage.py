@@ -6,6 +6,11 @@ single-core SHA-256 and zstd-1 compression speed (each in this process, on the s
 and a bare trio socket copying the same bytes to a server process as minimal as it gets.
 Uploads pass the digest (a build client knows it before it uploads); every byte is still
 hashed by the node before it is stored, and every download is hashed by the client.
+
+Targets: raw put+get at least 1/3 of single-core sha256 (random and compressible data);
+zstd-1 put+get of compressible data at least 0.7x of zstd-1 compression alone; 1 KiB gets
+at least 10,000/s at 64 concurrent; ``find_missing`` at least 200,000 digests/s; a node over
+100,000 blobs serving within 5 s of its start (absolute figures, on the medians).
 """
 
 from __future__ import annotations
@@ -23,14 +28,24 @@ import zstandard
 
 import triode
 from triode.model.digest import Digest
-from triode.wire import codec
 
-from ..harness import Bench, run_concurrently, workload
+from ..harness import Bench, at_least, at_most, run_concurrently, workload
 
 MiB = 1024 * 1024
 
 _RAW_SERVER = """
 import sys, trio
+
+PRESENT = set()  # find_missing's keys (32-byte hash + 8-byte size) the server "stores"
+
+async def exactly(stream, n):
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.receive_some(n - len(buf))
+        if not data:
+            return None
+        buf += data
+    return bytes(buf)
 
 async def handle(stream):
     head = b""
@@ -55,6 +70,15 @@ async def handle(stream):
             if k:
                 await stream.send_all(bytes(buf[:k]))
                 del buf[:k]
+    elif mode == b"p":  # keep n keys as present, answer one byte
+        keys = await exactly(stream, n * 40)
+        PRESENT.update(keys[i : i + 40] for i in range(0, len(keys), 40))
+        await stream.send_all(b"k")
+    elif mode == b"f":  # "r" (ready), then find_missing of n keys per request until EOF: count, missing keys
+        await stream.send_all(b"r")
+        while (keys := await exactly(stream, n * 40)) is not None:
+            missing = [k for k in (keys[i : i + 40] for i in range(0, len(keys), 40)) if k not in PRESENT]
+            await stream.send_all(len(missing).to_bytes(8, "big") + b"".join(missing))
 
 async def main():
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -169,10 +193,10 @@ def blobs(b: Bench) -> None:
     with b.spawn_node() as address, _raw_server() as port:
         b.compare(f"{size // MiB} MiB put+get, raw, random", "MB/s",
                   subject=lambda: _transfer(address, random_data, "identity"),
-                  baseline=("sha256, one core", lambda: _sha256_speed(random_data)), target=1 / 3)
+                  baseline=("sha256, one core", lambda: _sha256_speed(random_data)), target=at_least(1 / 3))
         b.compare(f"{size // MiB} MiB put+get, raw, compressible", "MB/s",
                   subject=lambda: _transfer(address, text, "identity"),
-                  baseline=("sha256, one core", lambda: _sha256_speed(text)), target=1 / 3)
+                  baseline=("sha256, one core", lambda: _sha256_speed(text)), target=at_least(1 / 3))
         b.compare(f"{size // MiB} MiB put, raw", "MB/s",
                   subject=lambda: _transfer(address, random_data, "identity", part="put"),
                   baseline=("raw trio socket upload", lambda: _raw_upload(port, random_data)))
@@ -181,7 +205,7 @@ def blobs(b: Bench) -> None:
                   baseline=("raw trio socket download", lambda: _raw_download(port, size)))
         b.compare(f"{size // MiB} MiB put+get, zstd-1, compressible", "MB/s",
                   subject=lambda: _transfer(address, text, "zstd"),
-                  baseline=("zstd-1 compression alone", lambda: _zstd_speed(text)), target=0.7)
+                  baseline=("zstd-1 compression alone", lambda: _zstd_speed(text)), target=at_least(0.7))
         b.compare(f"{size // MiB} MiB put+get, zstd-1, random", "MB/s",
                   subject=lambda: _transfer(address, random_data, "zstd"),
                   baseline=("zstd-1 compression alone", lambda: _zstd_speed(random_data)))
@@ -232,21 +256,62 @@ def small_gets(b: Bench) -> None:
     with b.spawn_node() as address, _raw_server() as port:
         trio.run(upload, address)
         order = [digests[i % len(digests)] for i in range(count)]
-        fig = b.compare("1 KiB gets, 64 concurrent", "gets/s",
-                        subject=lambda: _small_gets(address, order, 64),
-                        baseline=("raw socket 1 KiB echo, 64 in flight",
-                                  lambda: _raw_echo(port, 1024, count, 64)))
-        fig.note = f"bar: >= 10,000 gets/s: {'met' if fig.subject.median >= 10_000 else 'MISSED'}"
+        b.compare("1 KiB gets, 64 concurrent", "gets/s",
+                  subject=lambda: _small_gets(address, order, 64),
+                  baseline=("raw socket 1 KiB echo, 64 in flight", lambda: _raw_echo(port, 1024, count, 64)),
+                  target=at_least(10_000, "gets/s"))
 
 
-def _find_missing(address: str, digests: list[Digest]) -> float:
+def _find_missing(address: str, digests: list[Digest], rounds: int) -> float:
+    """Digests/s of ``rounds`` find_missing calls of all ``digests`` on one connection."""
+
     async def main() -> float:
         async with triode.connect(address) as client:
+            await client.ping()
             start = time.perf_counter()
-            missing = await client.cas.find_missing(digests)
-            elapsed = time.perf_counter() - start
-            assert len(missing) == len(digests) // 2
-            return len(digests) / elapsed
+            for _ in range(rounds):
+                missing = await client.cas.find_missing(digests)
+                assert len(missing) == len(digests) // 2
+            return len(digests) * rounds / (time.perf_counter() - start)
+
+    return trio.run(main)
+
+
+def _key(digest: Digest) -> bytes:
+    """A digest as the raw find_missing server takes it: 32 bytes of hash, 8 of size."""
+    return bytes.fromhex(digest.hash) + digest.size.to_bytes(8, "big")
+
+
+def _raw_keep(port: int, digests: list[Digest]) -> None:
+    async def main() -> None:
+        stream = await _raw_stream(port, b"p", len(digests))
+        await stream.send_all(b"".join(_key(d) for d in digests))
+        assert await stream.receive_some(1) == b"k"
+        await stream.aclose()
+
+    trio.run(main)
+
+
+def _raw_find_missing(port: int, digests: list[Digest], rounds: int) -> float:
+    """The same requests to a bare socket server checking each key against a set: digests/s."""
+    request = b"".join(_key(d) for d in digests)
+
+    async def main() -> float:
+        stream = await _raw_stream(port, b"f", len(digests))
+        assert await stream.receive_some(1) == b"r"  # its handler runs, as the node's does after a ping
+        start = time.perf_counter()
+        for _ in range(rounds):
+            await stream.send_all(request)
+            head = b""
+            while len(head) < 8:
+                head += await stream.receive_some(8 - len(head))
+            left = int.from_bytes(head, "big") * 40
+            assert left == len(digests) // 2 * 40
+            while left:
+                left -= len(await stream.receive_some(left))
+        elapsed = time.perf_counter() - start
+        await stream.aclose()
+        return len(digests) * rounds / elapsed
 
     return trio.run(main)
 
@@ -254,10 +319,9 @@ def _find_missing(address: str, digests: list[Digest]) -> float:
 @workload("storage.find_missing", help="find_missing of 10,000 digests (half present) in one call")
 def find_missing(b: Bench) -> None:
     n = 10_000
+    rounds = 2 if b.quick else 5
     present = [os.urandom(64) for _ in range(n // 2)]
     digests = [Digest.of(x) for x in present] + [Digest.of(os.urandom(64)) for _ in range(n // 2)]
-    request_bytes = len(codec.encode([1, 1, "cas.find_missing",
-                                                 {"digests": [d.to_wire() for d in digests]}, {}]))
 
     async def upload(address: str) -> None:
         async with triode.connect(address) as client:
@@ -265,11 +329,14 @@ def find_missing(b: Bench) -> None:
 
     with b.spawn_node() as address, _raw_server() as port:
         trio.run(upload, address)
-        fig = b.compare("find_missing, 10,000 digests in one call", "digests/s",
-                        subject=lambda: _find_missing(address, digests),
-                        baseline=("raw socket echo of the request's bytes",
-                                  lambda: _raw_echo(port, request_bytes, 1, 1) * n))
-        fig.note = f"bar: >= 200,000 digests/s: {'met' if fig.subject.median >= 200_000 else 'MISSED'}"
+        _raw_keep(port, digests[: n // 2])
+        b.compare("find_missing, 10,000 digests in one call", "digests/s",
+                  subject=lambda: _find_missing(address, digests, rounds),
+                  baseline=("raw socket, each digest looked up in a set",
+                            lambda: _raw_find_missing(port, digests, rounds)),
+                  target=at_least(200_000, "digests/s"),
+                  note=f"{rounds} calls per repetition on one open connection, on both sides; "
+                       "the raw server takes 40-byte keys and answers the missing ones")
 
 
 # -- Storage II: the backing tier, eviction, restart --------------------------------------
@@ -398,15 +465,16 @@ def _restart(b: Bench, data_dir: str, probe: Digest, scans: list[float] | None =
 def restart(b: Bench) -> None:
     count = 20_000 if b.quick else 100_000
     full = str(b.tmpdir / "full-data")
-    empty = str(b.tmpdir / "empty-data")
+    small = str(b.tmpdir / "small-data")
     _populate(full, count)
-    os.makedirs(empty, exist_ok=True)
+    _populate(small, 1)
+    # Both probe a stored blob (the empty digest would be answered without a lookup).
     probe = Digest.of((count - 1).to_bytes(8, "big") * 16)
-    empty_probe = Digest.of(b"")
+    small_probe = Digest.of((0).to_bytes(8, "big") * 16)
     scans: list[float] = []
     fig = b.compare(f"start and answer, {count:,} blobs", "s",
                     subject=lambda: _restart(b, full, probe, scans),
-                    baseline=("start and answer, empty data dir", lambda: _restart(b, empty, empty_probe)),
-                    better="lower")
-    fig.note = (f"bar: serving within 5 s: {'met' if fig.subject.max <= 5 else 'MISSED'}; "
-                f"background index scan took {min(scans):.2f}-{max(scans):.2f} s")
+                    baseline=("start and answer, a data dir of 1 blob",
+                              lambda: _restart(b, small, small_probe)),
+                    better="lower", target=at_most(5, "s"))
+    fig.note = f"background index scan took {min(scans):.2f}-{max(scans):.2f} s"
