@@ -17,6 +17,7 @@ __all__ = [
     "IncompatibleVersion",
     "ConnectionClosed",
     "AuthenticationFailed",
+    "PermissionDenied",
     "EncodeError",
     "InvalidArgument",
     "InvalidDigest",
@@ -57,7 +58,8 @@ class TriodeError(Exception):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "code" in cls.__dict__:
-            if cls.code in _BY_CODE:
+            # The base class holds INTERNAL only until Internal takes it over.
+            if _BY_CODE.get(cls.code, TriodeError) is not TriodeError:
                 raise TypeError(f"error code {cls.code!r} is defined twice")
             _BY_CODE[cls.code] = cls
 
@@ -85,12 +87,16 @@ def _rebuild(cls: type[TriodeError], message: str, details: dict[str, Any]) -> T
 
 _BY_CODE[TriodeError.code] = TriodeError
 
+#: Codes older peers sent, read as the code that replaced them (never sent any more).
+_ALIASES = {"INTERNAL_ERROR": "INTERNAL"}
+
 
 def from_wire(code: str, message: str, details: dict[str, Any] | None = None) -> TriodeError:
     """Rebuild the error the far side raised; an unknown code becomes a plain TriodeError."""
     # Details come from the peer: keep what can be keyword arguments, so that no peer can
     # turn its error into a TypeError on our side.
     safe = {k: v for k, v in (details or {}).items() if isinstance(k, str) and k != "message"}
+    code = _ALIASES.get(code, code)
     cls = _BY_CODE.get(code)
     if cls is None:
         err = TriodeError(message, **safe)
@@ -126,6 +132,13 @@ class AuthenticationFailed(TriodeError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(TriodeError):
+    """The caller may not do this on this node (e.g. write the action cache when the node
+    takes only its own executions' results); retrying it unchanged fails the same way."""
+
+    code = "PERMISSION_DENIED"
+
+
 class EncodeError(TriodeError):
     """This side cannot encode a message: a value msgpack cannot hold (a set, an object,
     an int over 64 bits) was handed to the wire by a caller or returned by a handler.
@@ -133,7 +146,7 @@ class EncodeError(TriodeError):
     Raised locally, never because of bytes from the peer: unlike ProtocolError it says
     nothing about the connection, which stays up. It has no wire code of its own (never
     registered, so no peer can make us raise it); the call it broke fails with
-    INVALID_ARGUMENT (arguments) or INTERNAL_ERROR (a result) instead.
+    INVALID_ARGUMENT (arguments) or INTERNAL (a result) instead.
     """
 
 
@@ -227,9 +240,13 @@ class Unimplemented(TriodeError):
 
 
 class Internal(TriodeError):
-    """A bug on the far side; the message carries its description."""
+    """A bug on the far side; the message carries its description.
 
-    code = "INTERNAL_ERROR"
+    Its code, ``INTERNAL``, is also the base class's: an error of unknown origin is
+    reported the same way. Older peers sent ``INTERNAL_ERROR``; it is still read as this.
+    """
+
+    code = "INTERNAL"
 
 
 # -- tools -------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ the group: SIGTERM, a grace period, SIGKILL, then the leader is reaped and every
 pipe closed, shielded from cancellation so it cannot be skipped. The Go systems this
 replaces returned early on cancellation and left readers, pipes and processes behind;
 here the cleanup is not a code path someone can forget, it is the end of the block.
+
+A child may be *wrapped*: started through a sandbox (bubblewrap with a PID namespace,
+see :mod:`triode.engine.sandbox`) that runs the real command as its grandchild and
+exits with its status. Such a wrapper dies at once on SIGTERM and takes its whole
+namespace with it (SIGKILL), which would rob the command of its grace period. So for a
+wrapped group the SIGTERM goes to every member but the wrapper's own two processes (the
+leader and its child, the namespace's init); the SIGKILL after the grace goes to all.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import trio
 
 __all__ = [
     "open_process_group", "stop_group", "kill_group", "group_alive", "proc_stats", "ProcStat", "KILL_WAIT",
+    "Wrapped",
 ]
 
 #: How long we wait for a SIGKILLed group to disappear before giving up on it. A
@@ -32,6 +40,15 @@ KILL_WAIT = 10.0
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
+
+
+class Wrapped:
+    """Marks a group whose leader is a sandbox around the command (see the module docstring)."""
+
+    def __init__(self) -> None:
+        #: Set by whoever saw the sandbox's PID namespace empty once the leader exited: then
+        #: nothing of the group is left, and stopping it need not look through ``/proc``.
+        self.emptied = False
 
 
 class ProcStat(NamedTuple):
@@ -81,6 +98,17 @@ def kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+def _signal_wrapped(pgid: int, sig: int) -> None:
+    """Signal the group's members but its leader and the leader's children: the sandbox
+    that wraps the command (its outer process and the init of its PID namespace)."""
+    for p in proc_stats():
+        if p.pgrp == pgid and p.pid != pgid and p.ppid != pgid and p.state not in ("Z", "X"):
+            try:
+                os.kill(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 async def _wait_group_gone(pgid: int) -> None:
     delay = 0.001
     while group_alive(pgid):
@@ -88,15 +116,20 @@ async def _wait_group_gone(pgid: int) -> None:
         delay = min(delay * 2, 0.05)
 
 
-async def stop_group(proc: trio.Process, grace: float) -> None:
+async def stop_group(proc: trio.Process, grace: float, *, wrapped: Wrapped | None = None) -> None:
     """SIGTERM the group, wait up to ``grace`` seconds, SIGKILL what is left, reap the leader.
 
-    Call it shielded: it must finish even when the caller is being cancelled.
+    ``wrapped``: the leader is a sandbox around the command; the SIGTERM spares it (see the
+    module docstring). Call it shielded: it must finish even when the caller is being cancelled.
     """
     pgid = proc.pid
-    if group_alive(pgid):
+    emptied = wrapped is not None and wrapped.emptied and proc.returncode is not None
+    if not emptied and group_alive(pgid):
         if grace > 0:
-            kill_group(pgid, signal.SIGTERM)
+            if wrapped is not None:
+                _signal_wrapped(pgid, signal.SIGTERM)
+            else:
+                kill_group(pgid, signal.SIGTERM)
             with trio.move_on_after(grace):
                 await _wait_group_gone(pgid)
         if group_alive(pgid):
@@ -132,12 +165,14 @@ async def open_process_group(
     stdout: int | None = PIPE,
     stderr: int | None = PIPE,
     grace: float = 5.0,
+    wrapped: Wrapped | None = None,
     **options: Any,
 ) -> AsyncIterator[trio.Process]:
     """Start ``argv`` as the leader of a new session and yield its :class:`trio.Process`.
 
     ``env`` is the whole environment of the child: nothing of ours leaks into it.
     Leaving the block stops the group (see :func:`stop_group`) and closes the pipes.
+    ``wrapped``: ``argv`` starts with a sandbox that runs the command (see the module docstring).
     """
     if not argv:
         raise ValueError("argv must name a program")
@@ -159,6 +194,6 @@ async def open_process_group(
     finally:
         with trio.CancelScope(shield=True):
             try:
-                await stop_group(proc, grace)
+                await stop_group(proc, grace, wrapped=wrapped)
             finally:
                 await _close_pipes(proc)

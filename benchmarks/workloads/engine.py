@@ -2,8 +2,13 @@
 
 * ``engine.trivial``: ``true`` as an action (no inputs, a fresh action each time so
   every one runs and writes the action cache), from a client over TCP to a ``triode
-  node`` process, against a raw ``trio.run_process(["true"])`` loop in this process.
-  Both keep the same number of runs in flight. Target: at least 0.5x.
+  node`` process. Both sides keep the same number of runs in flight. Three figures:
+  a node with ``--isolation none`` against a raw ``trio.run_process(["true"])`` loop
+  (the engine's own cost; target at least 0.5x); an isolated node (the default)
+  against a raw loop of the same bubblewrap sandbox around ``true`` (target at least
+  0.5x); and the isolated node against the raw unsandboxed loop, which shows the whole
+  price of isolation (no target: the sandbox's namespaces and exec cost more than the
+  engine does, see docs/design.md, "Isolation of actions").
 * ``engine.cached``: the same action answered from the action cache, against a bare
   ``node.ping`` round trip at the same concurrency (the floor any call pays). Target:
   at least 5,000 hits/s (absolute).
@@ -25,6 +30,7 @@ import trio
 
 import triode
 from triode.engine.executor import Executor
+from triode.engine.sandbox import bwrap_prefix, find_bwrap
 from triode.engine.workdir import WorkDirs
 from triode.model.action import Action, Input
 from triode.storage.ac import ActionCache
@@ -38,13 +44,14 @@ TRIVIAL_CONCURRENCY = 4
 CACHED_CONCURRENCY = 32
 
 
-@workload("engine.trivial", help="trivial actions per second end to end vs a raw trio.run_process loop")
+@workload("engine.trivial", help="trivial actions/s end to end vs raw loops, with and without isolation")
 def trivial(b: Bench) -> None:
     n = 100 if b.quick else 400
-    # As many executor slots as runs in flight, so neither side queues.
-    with b.spawn_node("--max-concurrency", str(TRIVIAL_CONCURRENCY)) as address:
+    slots = ("--max-concurrency", str(TRIVIAL_CONCURRENCY))  # as many slots as runs in flight
+    bwrap = find_bwrap()
+    with b.spawn_node(*slots, "--isolation", "none") as bare, b.spawn_node(*slots) as isolated:
 
-        def subject() -> float:
+        def actions(address: str) -> float:
             async def main() -> float:
                 tag = uuid.uuid4().hex
                 async with triode.connect(address) as client:
@@ -57,17 +64,28 @@ def trivial(b: Bench) -> None:
 
             return trio.run(main)
 
-        def baseline() -> float:
+        def raw(argv: list[str]) -> float:
             async def main() -> float:
                 async def one(i: int) -> None:
-                    await trio.run_process(["true"])
+                    await trio.run_process(argv)
 
                 return n / await run_concurrently(range(n), TRIVIAL_CONCURRENCY, one)
 
             return trio.run(main)
 
-        b.compare("actions/s", "1/s", subject=subject, baseline=("raw trio.run_process", baseline),
-                  target=at_least(0.5), note=f"{TRIVIAL_CONCURRENCY} in flight on both sides")
+        note = f"{TRIVIAL_CONCURRENCY} in flight on both sides"
+        b.compare("actions/s, --isolation none", "1/s", subject=lambda: actions(bare),
+                  baseline=("raw trio.run_process", lambda: raw(["true"])), target=at_least(0.5), note=note)
+        if bwrap is None:
+            b.progress("  engine.trivial: no bwrap (apt-get install bubblewrap): isolated figures skipped")
+            return
+        sandbox = [*bwrap_prefix(bwrap, root=os.geteuid() == 0, network="host", protect=()), "--", "true"]
+        b.compare("actions/s, isolated (default)", "1/s", subject=lambda: actions(isolated),
+                  baseline=("raw loop of the same bwrap sandbox", lambda: raw(sandbox)),
+                  target=at_least(0.5), note=note)
+        b.compare("actions/s, isolated (default), beside no sandbox", "1/s",
+                  subject=lambda: actions(isolated),
+                  baseline=("raw trio.run_process", lambda: raw(["true"])), note=note)
 
 
 @workload("engine.cached", help="action cache hits per second vs bare pings at the same concurrency")

@@ -105,7 +105,11 @@ def test_env_is_clean_and_set_by_flags(cwd: Path, home: Path) -> None:
         done = triode_run(cwd, home, "--env", "A=1", "--", "env")
     finally:
         del os.environ[env_secret]
-    assert sorted(done.stdout.decode().splitlines()) == ["A=1", "PATH=/usr/local/bin:/usr/bin:/bin"]
+    seen = sorted(done.stdout.decode().splitlines())
+    # The isolated action also sees PWD, its working directory, as any shell would set it.
+    others = [line for line in seen if not line.startswith("PWD=")]
+    assert others == ["A=1", "PATH=/usr/local/bin:/usr/bin:/bin"]
+    assert all(line.startswith(f"PWD={home}/work/") for line in seen if line.startswith("PWD="))
 
 
 def test_readme_example_compile_twice_second_is_a_hit(cwd: Path, home: Path) -> None:

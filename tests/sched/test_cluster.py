@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pytest
 import trio
@@ -168,7 +168,7 @@ async def test_a_full_cluster_refuses_with_a_retry_hint_and_recovers(tmp_path):
                 node_pids = {node.process.pid for node in nodes}
 
                 async def one_sleep_per_node() -> bool:
-                    return set(_running(sleep_60).values()) == node_pids
+                    return set(_running(sleep_60, node_pids).values()) == node_pids
 
                 await wait_for(one_sleep_per_node, within=30)
                 with pytest.raises(ResourceExhausted) as info:
@@ -192,10 +192,19 @@ async def test_a_full_cluster_refuses_with_a_retry_hint_and_recovers(tmp_path):
             assert status["counters"]["rejected"] == 1
 
 
-def _running(argv: Sequence[str]) -> dict[int, int]:
-    """Our descendants (the nodes' actions among them) running exactly ``argv``: pid to parent pid."""
+def _running(argv: Sequence[str], owners: Collection[int] = ()) -> dict[int, int]:
+    """Our descendants (the nodes' actions among them) running exactly ``argv``: pid to the
+    nearest ancestor among ``owners`` (an isolated action's parent is its sandbox's init,
+    not the node), or to its parent when none is."""
     want = b"".join(arg.encode() + b"\0" for arg in argv)
     parents = {p.pid: p.ppid for p in proc_stats()}
+
+    def owner(pid: int) -> int:
+        ancestor = parents.get(pid, 0)
+        while ancestor and ancestor not in owners:
+            ancestor = parents.get(ancestor, 0)
+        return ancestor or parents.get(pid, 0)
+
     found = {}
     for pid, state in child_processes().items():
         if state in ("Z", "X"):
@@ -206,7 +215,7 @@ def _running(argv: Sequence[str]) -> dict[int, int]:
                     continue
         except OSError:  # gone meanwhile
             continue
-        found[pid] = parents.get(pid, 0)
+        found[pid] = owner(pid)
     return found
 
 

@@ -133,7 +133,7 @@ async def test_metrics_over_http(tmp_path):
 async def _http_get(host, port, path):
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk

@@ -7,6 +7,7 @@ misbehaving or silent peer exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -800,6 +801,45 @@ async def test_closing_fails_calls_in_flight_and_cancels_handlers(autojump_clock
             client.close("closed by this side")
         with trio.fail_after(1):
             await server.wait_closed()
+
+
+@pytest.mark.parametrize("late", [ConnectionClosed("gone"), RuntimeError("a bug")])
+async def test_a_handler_failing_as_its_connection_closes_ends_it_quietly(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture, late: Exception
+) -> None:
+    """A handler with tasks of its own, one of which fails because the connection is closing
+    (a send on it, say) while the others are cancelled: the connection still ends as
+    itself, not as an ExceptionGroup out of open_connection. A consequence of the closing
+    is not logged; anything else is, once."""
+
+    async def busy(call: IncomingCall) -> None:
+        async def fail_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                raise late from None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            nursery.start_soon(fail_when_cancelled)
+
+    async with no_leaks(), pair(table(busy=busy)) as (client, server):
+        async with trio.open_nursery() as nursery:
+            async def call_and_fail() -> None:
+                with pytest.raises(ConnectionClosed):
+                    await client.call("busy")
+
+            nursery.start_soon(call_and_fail)
+            await trio.sleep(1)
+            assert server.serving == 1
+            server.close("server going away")
+        with trio.fail_after(1):
+            await server.wait_closed()
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    if isinstance(late, ConnectionClosed):
+        assert logged == []
+    else:
+        assert [r.getMessage() for r in logged] == ["handler for busy failed as its connection closed"]
 
 
 async def test_stream_in_flight_fails_when_the_connection_closes(autojump_clock: trio.abc.Clock) -> None:

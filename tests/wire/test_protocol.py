@@ -312,6 +312,42 @@ def test_a_timeout_that_is_not_a_number_is_a_protocol_error(timeout: Any) -> Non
         b.on_call(1, "echo", None, meta)
 
 
+@pytest.mark.parametrize("meta, key", [
+    ({"timeout": True}, "timeout"),  # a bool is not a number of seconds
+    ({"down": 1}, "down"), ({"down": "x"}, "down"), ({"down": None}, "down"),
+    ({"up": 1}, "up"), ({"up": "yes"}, "up"), ({"up": True, "down": 0}, "down"),
+])
+def test_meta_of_the_wrong_type_is_a_protocol_error(meta: dict[str, Any], key: str) -> None:
+    _, b = pair()
+    with pytest.raises(ProtocolError, match=f"'{key}'"):
+        b.on_call(1, "echo", None, meta)
+    assert not b.served
+
+
+def test_meta_streams_are_exact_bools() -> None:
+    _, b = pair()
+    s = served(b, codec.encode([CALL, 1, "echo", None, {"up": False, "down": True, "timeout": 3}]))
+    assert s.recv_window is None and s.send_window is not None and s.timeout == 3
+
+
+def test_hello_features_may_be_left_out() -> None:
+    body = hello()[1]
+    del body["features"]
+    p = make(False)
+    assert p.receive_hello([HELLO, body]).features == frozenset()
+
+
+def test_credit_granted_counts_every_grant() -> None:
+    a, b = pair()
+    call, frame = a.start_call("get", None, None, False, True)
+    s = served(b, frame)
+    assert s.send_window is not None and s.send_window.granted == WINDOW
+    assert b.take_credit(s, WINDOW) == WINDOW
+    b.on_credit(s.id, 100)
+    b.on_credit(s.id, 28)
+    assert (s.send_window.credit, s.send_window.granted) == (128, WINDOW + 128)
+
+
 def test_calls_over_max_calls_are_refused_until_one_ends() -> None:
     _, b = pair(server={"max_calls": 2})
     first = served(b, codec.encode([CALL, 1, "echo", None, {}]))
@@ -345,7 +381,7 @@ def test_a_result_that_cannot_be_encoded_becomes_an_error_for_that_call(result: 
     a, b = pair()
     s = served(b, a.start_call("echo", None, None, False, False)[1])
     m = decode(b.reply(s, result))
-    assert m[:3] == [ERROR, 1, "INTERNAL_ERROR"] and "cannot be sent" in m[3]
+    assert m[:3] == [ERROR, 1, "INTERNAL"] and "cannot be sent" in m[3]
     # The connection is fine: the next call is served as usual.
     s = served(b, a.start_call("echo", None, None, False, False)[1])
     assert decode(b.reply(s, 5)) == [REPLY, 3, 5]

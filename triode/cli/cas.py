@@ -1,4 +1,4 @@
-"""``triode cas put|get|has``: the content-addressed store from the shell."""
+"""``triode cas put|get|has|verify``: the content-addressed store from the shell."""
 
 from __future__ import annotations
 
@@ -34,9 +34,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for verb in (put, get, has):
         add_client_options(verb)
         verb.add_argument("--zstd", action="store_true", help="compress transfers with zstd")
+    verify = verbs.add_parser(
+        "verify", help="re-hash stored blobs (all, or the ones named) on the node, remove those whose "
+        "bytes no longer match their digest and print them; exit 1 if any was damaged")
+    verify.add_argument("digests", nargs="*", metavar="HASH/SIZE", type=_digest)
+    add_client_options(verify)
     put.set_defaults(func=run_put)
     get.set_defaults(func=run_get)
     has.set_defaults(func=run_has)
+    verify.set_defaults(func=run_verify)
 
 
 async def run_put(args: argparse.Namespace) -> int:
@@ -86,3 +92,18 @@ async def run_has(args: argparse.Namespace) -> int:
     for digest in missing:
         print(digest)
     return 1 if missing else 0
+
+
+async def run_verify(args: argparse.Namespace) -> int:
+    request = {"digests": [d.to_wire() for d in args.digests]} if args.digests else {}
+    async with open_cli_client(args) as client:
+        reply = await client.connection.call("cas.verify", request)
+    damaged = Digest.from_wire_list(reply["damaged"])
+    for digest in damaged:
+        print(f"damaged  {digest}  (removed)")
+    for digest in Digest.from_wire_list(reply["missing"]):
+        print(f"missing  {digest}")
+    print(f"verified {reply['checked']} blob(s), {reply['bytes']} bytes: "
+          f"{len(damaged)} damaged" + (" (removed: upload them again)" if damaged else ""),
+          file=sys.stderr)
+    return 1 if damaged else 0

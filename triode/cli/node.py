@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -29,13 +30,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="actions run at once (default: cores)")
     p.add_argument("--max-queue", type=int, default=1000, metavar="N", help="queued actions (default 1000)")
     p.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="local storage limit, e.g. 10GiB")
-    p.add_argument("--token-file", metavar="FILE", help="require clients to present this shared secret")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="require clients to present the shared secret held in FILE (whitespace around "
+                        "it, such as the trailing newline, is stripped and is not part of it)")
+    p.add_argument("--ac-writes", choices=("any", "executor"), default="any",
+                   help="who may write the action cache: any client with ac.update (default), or "
+                        "only this node's own executions (ac.update is refused PERMISSION_DENIED)")
     p.add_argument("--metrics", metavar="ADDRESS", help="serve Prometheus metrics over HTTP at HOST:PORT")
+    p.add_argument("--http", metavar="ADDRESS",
+                   help="serve the HTTP cache for Bazel (--remote_cache=http://...) and ccache at "
+                        "HOST:PORT, with /metrics")
+    p.add_argument("--grpc", metavar="ADDRESS",
+                   help="serve Bazel's Remote Execution API (REAPI v2: cache and execution) over gRPC "
+                        "at HOST:PORT (--remote_cache/--remote_executor=grpc://...)")
+    p.add_argument("--allow-unauthenticated-reads", action="store_true",
+                   help="with --token-file, serve HTTP cache GETs and HEADs without credentials")
     p.add_argument("--tls-cert", metavar="FILE", type=Path, help="serve TLS with this certificate chain")
     p.add_argument("--tls-key", metavar="FILE", type=Path, help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="FILE", type=Path, help="CA bundle to verify TLS peers and backing")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
                    help="seconds calls in flight get to finish on shutdown (default 10)")
+    p.add_argument("--isolation", choices=("auto", "bwrap", "none"), default="auto",
+                   help="isolate each action with bubblewrap: a PID namespace (nothing it starts "
+                        "outlives it), the store read-only; auto (default) falls back to none, with a "
+                        "warning, where bwrap does not work; bwrap refuses to start without it")
+    p.add_argument("--action-network", choices=("host", "none"), default="host",
+                   help="an isolated action's network: the node's (default) or none")
+    p.add_argument("--bwrap", metavar="PATH",
+                   help="the bwrap to use (default: on the PATH, else /usr/bin/bwrap)")
     p.set_defaults(func=run)
 
 
@@ -49,11 +71,18 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_queue=args.max_queue,
         cache_size=args.cache_size,
         token=read_token(args.token_file),
+        ac_writes=args.ac_writes,
         metrics=args.metrics,
+        http=args.http,
+        grpc=args.grpc,
+        allow_unauthenticated_reads=args.allow_unauthenticated_reads,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         shutdown_grace=args.shutdown_grace,
+        isolation=args.isolation,
+        action_network=args.action_network,
+        bwrap=args.bwrap,
     )
 
 
@@ -63,8 +92,15 @@ async def run(args: argparse.Namespace) -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             with trio.CancelScope() as hard_stop:
                 async with trio.open_nursery() as watcher:
+                    logging.getLogger("triode.isolation").disabled = True  # said here, below
                     async with open_node(config) as node:
                         print(f"listening on {node.address}", file=sys.stderr, flush=True)
+                        engine = node.parts["engine"].info()
+                        print(f"actions: {engine['isolation_detail']}", file=sys.stderr, flush=True)
+                        if node.http_address is not None:
+                            print(f"http cache on {node.http_address}", file=sys.stderr, flush=True)
+                        if node.grpc_address is not None:
+                            print(f"grpc on {node.grpc_address}", file=sys.stderr, flush=True)
                         signum = await signals.__anext__()
                         print(
                             f"{signal.Signals(signum).name}: shutting down "

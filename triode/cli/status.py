@@ -59,6 +59,11 @@ def render(info: dict[str, Any]) -> str:
     out.append(f"node      {info.get('node')}  (triode {info.get('version')})")
     out.append(f"address   {info.get('address') or '(in-process)'}")
     out.append(f"uptime    {_duration(info.get('uptime', 0))}")
+    engine = info.get("engine")
+    if engine and "isolation" in engine:
+        # Said in words either way: an unisolated node is never silent about it.
+        out.append(f"isolation {'on' if engine.get('isolated') else 'NOT ISOLATED'}: "
+                   f"{engine.get('isolation_detail', engine['isolation'])}")
     sched = info.get("sched")
     if sched:
         out.append(

@@ -13,9 +13,11 @@ as built (the cache does not check their shape again).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -36,6 +38,7 @@ from ..model.result import (
 )
 from .outputs import scan_outputs
 from .runner import DEFAULT_GRACE, DEFAULT_OUTPUT_CAP, Capture, run_process
+from .sandbox import ISOLATION, NETWORK, UNISOLATED, Sandbox, probe
 from .staging import INLINE_FILES, link_policy, maybe_in_thread, stage_inputs, tampered
 from .workdir import WorkDirs, scratch_of
 
@@ -66,9 +69,24 @@ class EngineConfig:
     output_cap: int = DEFAULT_OUTPUT_CAP
     #: Kill an action whose stdout or stderr passes the cap (else: keep reading, drop the rest).
     kill_on_cap: bool = False
-    #: Hard-link inputs from the disk CAS: "auto" (as root, with the action's power to write
-    #: to read-only files dropped, see staging.link_policy), "always" or "never" (copy).
+    #: Hard-link inputs from the disk CAS: "auto" (where the sandbox makes it safe, see
+    #: staging.link_policy), "always" or "never" (copy).
     link_inputs: str = "auto"
+    #: How actions are isolated (see sandbox.py): "auto" (bwrap when it works, else none, and
+    #: :meth:`Executor.info` says why), "bwrap" (or refuse to start) or "none".
+    isolation: str = "auto"
+    #: An isolated action's network: "host" (the node's) or "none" (a namespace of its own).
+    action_network: str = "host"
+    #: The bwrap to run (None: ``bwrap`` on the PATH, else /usr/bin/bwrap).
+    bwrap: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATION)}, got {self.isolation!r}")
+        if self.action_network not in NETWORK:
+            raise ValueError(
+                f"action_network must be one of {', '.join(NETWORK)}, got {self.action_network!r}"
+            )
 
 
 class Executor:
@@ -82,7 +100,13 @@ class Executor:
         self.workdirs = workdirs
         self.node_id = node_id
         self.config = config or EngineConfig()
-        self._link, self._guard = link_policy(self.config.link_inputs)
+        #: How actions run; None until :meth:`prepare` has probed the sandbox.
+        self.sandbox: Sandbox | None = None
+        self._link: bool = False
+        self._give_to: tuple[int, int] | None = None
+        self._preparing: trio.Event | None = None
+        if self.config.isolation == "none":
+            self._use(UNISOLATED)
         #: Results on their way to the action cache (see write_behind).
         self._pending: dict[Digest, ActionResult] = {}
         #: Recently written or read small results, most recent last, with the blobs each
@@ -94,6 +118,38 @@ class Executor:
             "cancelled": 0, "errors": 0, "running": 0, "inputs_linked": 0, "inputs_copied": 0,
             "inputs_fetched": 0, "inputs_altered": 0,
         }
+
+    def _use(self, sandbox: Sandbox) -> None:
+        self._link, self._give_to = link_policy(self.config.link_inputs, sandbox)
+        self.sandbox = sandbox
+
+    async def prepare(self) -> Sandbox:
+        """Work out how actions will run (once; the first run does it when nobody has):
+        probe bwrap unless isolation is "none". Under "bwrap" a sandbox that does not work
+        is :class:`~triode.errors.FailedPrecondition`."""
+        while self.sandbox is None:
+            if self._preparing is not None:
+                await self._preparing.wait()
+                continue
+            self._preparing = done = trio.Event()
+            try:
+                # What actions must not write to: the store's data dir and the work dirs' base.
+                protect = [Path(self.cas.root)] if isinstance(getattr(self.cas, "root", None), Path) else []
+                protect.append(self.workdirs.base)
+                sandbox = await probe(
+                    self.config.isolation, bwrap=self.config.bwrap, network=self.config.action_network,
+                    protect=protect, scratch=self.workdirs.base,
+                )
+                if sandbox.input_owner is not None:
+                    # Linked inputs are nobody's: keep nobody's processes away from their paths.
+                    os.chmod(self.workdirs.base, 0o700)
+                self._use(sandbox)
+            finally:
+                self._preparing = None
+                done.set()
+        sandbox = self.sandbox
+        assert sandbox is not None
+        return sandbox
 
     async def lookup(self, action: Action) -> ExecuteOutcome | None:
         """The cached outcome of ``action``, or None; never runs anything.
@@ -121,6 +177,11 @@ class Executor:
         self.counters["cache_hits"] += 1
         return ExecuteOutcome(digest, True, hit)
 
+    def pending_result(self, digest: Digest) -> ActionResult | None:
+        """The result of ``digest`` answered but not yet in the action cache (see
+        write_behind), or None: what the node's ac.get serves until the write lands."""
+        return self._pending.get(digest)
+
     def _remember(self, digest: Digest, result: ActionResult) -> None:
         """Keep a small result in memory: a repeat is then answered without reading a file."""
         if result.output_count > RECENT_MAX_OUTPUTS:
@@ -139,6 +200,8 @@ class Executor:
         digest = action.digest()
         self.counters["running"] += 1
         try:
+            if self.sandbox is None:
+                await self.prepare()
             result = await self._run(action, digest, queued)
         except BaseException as exc:
             self._count_failure(exc)
@@ -168,16 +231,15 @@ class Executor:
         # Leased from staging to the end of the run: an input in use is never evicted.
         with self.cas.lease(action.input_digests()):
             async with self.workdirs.create() as root:
-                staged = await stage_inputs(root, action, self.cas, link=self._link)
+                staged = await stage_inputs(root, action, self.cas, link=self._link, give_to=self._give_to)
                 self.counters["inputs_linked"] += staged.linked
                 self.counters["inputs_copied"] += staged.copied
                 self.counters["inputs_fetched"] += staged.fetched
                 staged_at = trio.current_time()
-                # Linked inputs share the CAS's inodes: a root node drops the capability that
-                # would let the action write to them (see link_policy).
-                argv = [*self._guard, *action.argv] if staged.linked else list(action.argv)
+                assert self.sandbox is not None
                 run = await run_process(
-                    argv,
+                    action.argv,
+                    wrapper=self.sandbox.wrapper(root, action.env, action.argv[0]),
                     env=action.env,
                     cwd=root / action.cwd if action.cwd else root,
                     timeout=action.timeout,
@@ -320,7 +382,10 @@ class Executor:
             "grace": self.config.grace,
             "output_cap": self.config.output_cap,
             "link_inputs": self._link,
-            "link_guard": bool(self._guard),
+            **(self.sandbox.info() if self.sandbox is not None else {
+                "isolation": "undecided", "isolated": False, "action_network": self.config.action_network,
+                "isolation_detail": f"isolation {self.config.isolation}: decided when the first action runs",
+            }),
         }
 
 

@@ -14,15 +14,25 @@ with a group-wide deliver-cancel, plus the part trio leaves to us: a grandchild 
 escaped the group while holding our pipes would otherwise keep us waiting for an EOF
 that never comes, so after the group is gone the pipes get a short drain period,
 then whoever still holds them is killed, and past the drain they are closed unread.
+
+With a ``wrapper`` (a sandbox with a PID namespace, see :mod:`triode.engine.sandbox`)
+the command runs inside it; the run ends the same ways, with the stop adapted to the
+wrapper (see :mod:`triode.procgroup`). The wrapper exits as soon as the command does,
+while its namespace is still being torn down, so the run also waits for the namespace's
+init, whose pid the wrapper reports on a pipe of ours, to exit: by then nothing the
+command started is left. A command that cannot be run is found before the wrapper starts,
+so it still ends with 127 or 126 and triode's own message.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import select
 import signal
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
@@ -30,7 +40,7 @@ from pathlib import Path
 
 import trio
 
-from ..procgroup import DEVNULL, PIPE, group_alive, open_process_group, stop_group
+from ..procgroup import DEVNULL, PIPE, Wrapped, group_alive, open_process_group, stop_group
 
 __all__ = ["DEFAULT_OUTPUT_CAP", "DEFAULT_GRACE", "Capture", "ProcessResult", "run_process"]
 
@@ -42,6 +52,8 @@ DEFAULT_GRACE = 5.0
 DEFAULT_DRAIN = 1.0
 
 _READ_SIZE = 64 * 1024
+#: The most a wrapper may write about itself on its info pipe.
+_INFO_LIMIT = 64 * 1024
 _STDIN_CHUNK = 64 * 1024
 
 
@@ -159,6 +171,7 @@ async def run_process(
     spill_dir: Path | None = None,
     stop: trio.Event | None = None,
     drain: float = DEFAULT_DRAIN,
+    wrapper: Callable[[int], Sequence[str]] | None = None,
 ) -> ProcessResult:
     """Run ``argv`` to its end and return how it ended; never leaves a process or pipe behind.
 
@@ -167,20 +180,40 @@ async def run_process(
     ``spill_dir`` lets captured output past 1 MiB go to files there instead of memory
     (created when first needed).
     Setting ``stop`` ends the run with ``cancelled=True``; cancelling the caller ends it
-    the same way and then raises ``Cancelled``.
+    the same way and then raises ``Cancelled``. ``wrapper`` runs argv inside a sandbox:
+    called with the number of a pipe's fd it returns the argv prefix (bubblewrap's, with
+    ``--info-fd`` that fd, where it writes ``{"child-pid": N}``: its namespace's init).
+    The wrapper exits with the command's status (``128 + N`` when signal N ended it, read
+    back as that signal).
     """
     if timeout is not None and (math.isnan(timeout) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     out = Capture(output_cap, spill_path=spill_dir / "stdout" if spill_dir else None)
     err = Capture(output_cap, spill_path=spill_dir / "stderr" if spill_dir else None)
     ended = {"cap": False, "stop": False}
+    env = dict(env or {})
+    info: int | None = None  # the read end of the wrapper's info pipe
+    wrapped = Wrapped() if wrapper is not None else None
     try:
         async with AsyncExitStack() as stack:
             try:
-                proc = await stack.enter_async_context(open_process_group(
-                    argv, env=dict(env or {}), cwd=cwd, stdin=PIPE if stdin is not None else DEVNULL,
-                    stdout=PIPE, stderr=PIPE, grace=grace,
-                ))
+                prefix: Sequence[str] = ()
+                info_write: int | None = None
+                if wrapper is not None:
+                    # The wrapper would report a missing program as its own failure (exit 1):
+                    # look for it first, as the kernel will, to end as an unwrapped run does.
+                    _check_runnable(argv[0], env, cwd)
+                    info, info_write = os.pipe()
+                    prefix = wrapper(info_write)
+                try:
+                    proc = await stack.enter_async_context(open_process_group(
+                        [*prefix, *argv], env=env, cwd=cwd, stdin=PIPE if stdin is not None else DEVNULL,
+                        stdout=PIPE, stderr=PIPE, grace=grace, wrapped=wrapped,
+                        pass_fds=() if info_write is None else (info_write,),
+                    ))
+                finally:
+                    if info_write is not None:
+                        os.close(info_write)  # the child has its own
             except OSError as exc:
                 # As a shell reports it: 127 when there is no such program, 126 when it
                 # cannot be executed; the reason goes to stderr.
@@ -198,7 +231,7 @@ async def run_process(
             # Noted now: by the time it is needed, stdin may be closed (fileno() is -1).
             stdin_inode = os.fstat(_fileno(proc.stdin)).st_ino if proc.stdin is not None else None
             assert proc.stdout is not None and proc.stderr is not None
-            with _ChildWatch(proc, out, err) as watch:
+            with _ChildWatch(proc, out, err, info) as watch:
                 async with trio.open_nursery() if stdin is not None else nullcontext() as feeder:
                     if feeder is not None:
                         assert proc.stdin is not None and stdin is not None
@@ -219,7 +252,7 @@ async def run_process(
                         # left of the group now, reading the pipes meanwhile, then let them
                         # reach EOF, killing any writer that left the group and keeps them open.
                         with trio.CancelScope(shield=True):
-                            await _stop_group_reading(proc, grace, watch)
+                            await _stop_group_reading(proc, grace, watch, wrapped)
                             if not watch.at_eof:
                                 await _drain(watch, drain, stdin_inode)
                         if feeder is not None:
@@ -231,9 +264,13 @@ async def run_process(
     finally:
         out.close()
         err.close()
+        if info is not None:
+            os.close(info)
     returncode = proc.returncode
     assert returncode is not None
     sig = -returncode if returncode < 0 else None
+    if wrapper is not None and 128 < returncode < 128 + signal.NSIG:
+        sig = returncode - 128  # the sandbox reports a signalled command as a shell does
     return ProcessResult(
         exit_code=128 + sig if sig is not None else returncode,
         signal=sig,
@@ -256,9 +293,14 @@ class _ChildWatch:
     so whatever one pass leaves unread wakes the next. The exit is seen through a
     pidfd of our own; reaping still goes through ``proc.returncode``. Linux only, as
     the rest of the runner (``/proc``) already is.
+
+    With ``info`` (a wrapper's info pipe, see :func:`run_process`) the set also reads
+    the pid of the wrapper's init and watches that process through a pidfd too: the
+    run is over once it has exited, which it does only when its namespace is empty
+    (:attr:`sandbox_gone`; a look at ``/proc`` for the group is then not needed).
     """
 
-    def __init__(self, proc: trio.Process, out: Capture, err: Capture) -> None:
+    def __init__(self, proc: trio.Process, out: Capture, err: Capture, info: int | None = None) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         self._proc = proc
         self._epoll = select.epoll()
@@ -266,9 +308,17 @@ class _ChildWatch:
         self._reaped = False
         #: Pipe fd -> where its bytes go, for each pipe not yet at EOF.
         self._pipes = {_fileno(proc.stdout): out, _fileno(proc.stderr): err}
+        #: The wrapper's info pipe until its EOF, what it said, and a pidfd of its init.
+        self._info = info
+        self._said = bytearray()
+        self._init: int | None = None
+        #: Whether the wrapper's init has exited (so its PID namespace is empty).
+        self.sandbox_gone = False
         try:
             for fd in self._pipes:
                 self._epoll.register(fd, select.EPOLLIN)
+            if info is not None:
+                self._epoll.register(info, select.EPOLLIN)
             try:
                 self._pidfd = os.pidfd_open(proc.pid)
             except OSError:  # an old kernel, a seccomp filter, out of fds: see until_exit
@@ -294,7 +344,8 @@ class _ChildWatch:
         return list(self._pipes)
 
     async def until_exit(self, on_cap: Callable[[], None]) -> None:
-        """Capture output until the leader has exited and been reaped."""
+        """Capture output until the leader has exited and been reaped (and a wrapper's
+        init has exited, when it said which process that is)."""
         if self._pidfd is None:
             # No pidfd of our own: trio's wait (which has fallbacks of its own) beside a reader.
             async with trio.open_nursery() as nursery:
@@ -302,7 +353,7 @@ class _ChildWatch:
                 await self._proc.wait()
                 nursery.cancel_scope.cancel()
             self._reaped = True
-        while not self._reaped:
+        while not self._reaped or self._info is not None or self._init is not None:
             await self._step(on_cap)
 
     async def until_eof(self, on_cap: Callable[[], None] | None = None) -> None:
@@ -316,7 +367,16 @@ class _ChildWatch:
             if fd == self._pidfd:
                 if self._proc.returncode is not None:  # reaped now
                     self._reaped = True
-                    self._close_pidfd()
+                    self._forget(fd)
+                    self._pidfd = None
+                continue
+            if fd == self._info:
+                self._read_info(fd)
+                continue
+            if fd == self._init:
+                self._forget(fd)
+                self._init = None
+                self.sandbox_gone = True
                 continue
             capture = self._pipes.get(fd)
             if capture is None:
@@ -333,22 +393,61 @@ class _ChildWatch:
             if capture.truncated and on_cap is not None:
                 on_cap()
 
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            fd, self._pidfd = self._pidfd, None
-            # Unregister before closing: closing alone left the set reporting the old fd
-            # (on Linux 6.18 a pidfd's file can outlive our fd, and epoll follows the file).
-            self._epoll.unregister(fd)
-            os.close(fd)
+    def _read_info(self, fd: int) -> None:
+        chunk = os.read(fd, _READ_SIZE)
+        if chunk:
+            if len(self._said) < _INFO_LIMIT:
+                self._said += chunk
+            return
+        self._epoll.unregister(fd)  # at EOF; the fd itself is run_process's to close
+        self._info = None
+        try:
+            pid = json.loads(self._said)["child-pid"]
+        except (ValueError, KeyError, TypeError):
+            return  # it said nothing we can use (it failed early): the group is looked at instead
+        if type(pid) is not int or pid <= 0:
+            return
+        try:
+            init = os.pidfd_open(pid)
+        except ProcessLookupError:  # exited and reaped already: its namespace is gone
+            self.sandbox_gone = True
+            return
+        except OSError:
+            return
+        if _pgrp_of(pid) not in (self._proc.pid, None):  # its pid was taken since: it is long gone
+            os.close(init)
+            self.sandbox_gone = True
+            return
+        self._init = init
+        self._epoll.register(init, select.EPOLLIN)
+
+    def _forget(self, pidfd: int) -> None:
+        # Unregister before closing: closing alone left the set reporting the old fd
+        # (on Linux 6.18 a pidfd's file can outlive our fd, and epoll follows the file).
+        self._epoll.unregister(pidfd)
+        os.close(pidfd)
 
     def close(self) -> None:
-        """Close the set and the pidfd; the pipes themselves are the process group's to close."""
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        """Close the set and the pidfds; the pipes themselves are the process group's (and
+        the info pipe run_process's) to close."""
+        for fd in (self._pidfd, self._init):
+            if fd is not None:
+                os.close(fd)
+        self._pidfd = self._init = None
         if not self._epoll.closed:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
+
+
+def _pgrp_of(pid: int) -> int | None:
+    """The process group of ``pid`` (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
+    return int(fields[2]) if len(fields) > 2 else None
 
 
 def _fileno(stream: trio.abc.SendStream | trio.abc.ReceiveStream) -> int:
@@ -379,15 +478,41 @@ async def _watch_stop(stop: trio.Event, waiting: trio.CancelScope, ended: dict[s
     waiting.cancel()
 
 
-async def _stop_group_reading(proc: trio.Process, grace: float, watch: _ChildWatch) -> None:
+async def _stop_group_reading(
+    proc: trio.Process, grace: float, watch: _ChildWatch, wrapped: Wrapped | None
+) -> None:
     """:func:`stop_group`, reading the pipes meanwhile: a child that writes its last words
     on SIGTERM must not block on a full pipe until the SIGKILL at the end of the grace."""
-    if proc.returncode is not None and not group_alive(proc.pid):
+    if wrapped is not None and watch.sandbox_gone:
+        wrapped.emptied = True  # (and the group's own stop at the end need not look either)
+    if proc.returncode is not None and (watch.sandbox_gone or not group_alive(proc.pid)):
         return  # the usual end: the leader exited and left nothing behind
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.until_eof)
-        await stop_group(proc, grace)
+        await stop_group(proc, grace, wrapped=wrapped)
         nursery.cancel_scope.cancel()
+
+
+def _check_runnable(program: str, env: Mapping[str, str], cwd: str | os.PathLike[str] | None) -> None:
+    """Raise the OSError that exec would for ``program`` (searched on the child's PATH, as
+    execvp does), or return: ENOENT when there is none, EACCES when it is not executable."""
+    here = os.fspath(cwd) if cwd is not None else "."
+    if "/" in program:
+        candidates = [os.path.join(here, program)]  # (an absolute program stays as it is)
+    else:
+        candidates = [os.path.join(here, d or ".", program) for d in os.get_exec_path(dict(env))]
+    denied = False
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+            return
+        denied = True
+    if denied:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), program)
+    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 async def _drain(watch: _ChildWatch, drain: float, stdin_inode: int | None) -> None:

@@ -1,12 +1,14 @@
 """Staging: lay an action's input tree out in its work dir, by hard link where it is safe.
 
 A hard link to the disk CAS costs one syscall per file, so it is the fast path. It is
-safe only when the stored file is read-only and already has the executable bit the
-action wants: the link shares the CAS's inode, and changing its mode (or bytes) would
-change the stored blob for everyone. Any other input gets its own copy, as do inputs
-whose link fails (another filesystem, the inode's link count is full, link
-restrictions) and blobs the local store cannot hand out as a file (a memory store, or a
-blob the backing tier has and we do not yet: ``write_to`` reads it through).
+safe only when the action can change neither the stored file's bytes nor its mode: the
+link shares the CAS's inode, and changing it would change the stored blob for everyone.
+That takes a read-only file with the executable bit the action wants, *and* an action
+that does not own it and has no capability to override that (see :func:`link_policy`).
+Any other input gets its own copy, as do inputs whose link fails (another filesystem,
+the inode's link count is full, link restrictions) and blobs the local store cannot hand
+out as a file (a memory store, or a blob the backing tier has and we do not yet:
+``write_to`` reads it through).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -27,6 +29,9 @@ from ..model.action import Action, Input
 from ..model.digest import Digest
 from ..model.paths import parents
 from ..model.store import LocalBlobStore
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
 
 __all__ = ["Staged", "stage_inputs", "link_policy", "tampered", "mode_for", "maybe_in_thread", "INLINE_FILES"]
 
@@ -74,35 +79,39 @@ def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_ino, st.st_mtime_ns, st.st_mode, st.st_size)
 
 
-def link_policy(setting: str) -> tuple[bool, list[str]]:
-    """Whether to hard-link inputs, and the argv prefix that makes it safe for this node.
+def link_policy(setting: str, sandbox: Sandbox) -> tuple[bool, tuple[int, int] | None]:
+    """Whether to hard-link inputs, and to whom linked files are given first, for this node.
 
-    A link is only as safe as the stored file's read-only mode. A process running as
-    root writes to read-only files anyway (CAP_DAC_OVERRIDE), so under ``"auto"`` a root
-    node runs actions that have linked inputs under ``setpriv`` with that capability
-    dropped from their bounding set: writing to an input then fails as it does for
-    anyone else. Without ``setpriv``, a root node copies instead. ``"always"`` links
-    with no prefix; ``"never"`` always copies.
+    A link is only as safe as the stored file's read-only mode, and a mode protects a file
+    only from a process that neither owns it nor has a capability (CAP_FOWNER,
+    CAP_DAC_OVERRIDE) to ignore it. Under ``"auto"`` inputs are linked only when the
+    sandbox runs actions that way: a root node's actions in bwrap have no capabilities, and
+    each linked file is given to the sandbox's ``input_owner`` (nobody) first. Otherwise the
+    action would own the file or could override its mode (no isolation; a node that is not
+    root, whose uid owns the store), so inputs are copied. ``"always"`` links whatever the
+    risk (then only what :func:`tampered` finds after the run is caught); ``"never"``
+    always copies.
     """
     if setting not in ("auto", "always", "never"):
         raise ValueError(f"link_inputs must be auto, always or never, got {setting!r}")
     if setting == "never":
-        return False, []
-    if setting == "always" or os.geteuid() != 0:
-        return True, []
-    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-    if setpriv is None:
-        return False, []
-    return True, [setpriv, "--bounding-set", "-dac_override", "--"]
+        return False, None
+    if setting == "always":
+        return True, None
+    if sandbox.isolated and sandbox.input_owner is not None:
+        return True, sandbox.input_owner
+    return False, None
 
 
 def _stage_local(
-    root: Path, action: Action, sources: dict[Digest, Path | None], link: bool = True
+    root: Path, action: Action, sources: dict[Digest, Path | None], link: bool = True,
+    give_to: tuple[int, int] | None = None,
 ) -> tuple[Staged, list[tuple[str, Input]]]:
     """The synchronous part, run in one worker thread: dirs, links and local copies.
 
     ``sources`` maps each input digest to its stored file (None when the store has
-    none). Returns what it did and the inputs it could not find as a local file.
+    none); ``give_to`` is the ``(uid, gid)`` a linked file must belong to (see
+    :func:`link_policy`). Returns what it did and the inputs it could not find as a local file.
     """
     staged = Staged()
     dirs: set[str] = set(action.directories)
@@ -112,6 +121,8 @@ def _stage_local(
             dirs.add(parent)
             parent = parent.rpartition("/")[0]
     for path in action.directories:
+        dirs.update(parents(path))
+    for path in action.symlinks:
         dirs.update(parents(path))
     if action.cwd:
         dirs.add(action.cwd)
@@ -148,6 +159,9 @@ def _stage_local(
         else:
             st = os.stat(dest)
             if bool(st.st_mode & stat.S_IXUSR) == executable and not st.st_mode & 0o222:
+                if give_to is not None and (st.st_uid, st.st_gid) != give_to:
+                    # Once per blob: the action must not own what it may not change.
+                    os.chown(dest, *give_to)
                 staged.linked += 1
                 staged.links.append((dest, src, digest, _fingerprint(st)))
                 continue
@@ -159,11 +173,19 @@ def _stage_local(
             continue
         os.chmod(dest, mode_for(executable))
         staged.copied += 1
+    # Symlinks last: no other input is staged through one (the action refuses a tree where
+    # a symlink is a file's directory), and each target stays inside the root (checked too).
+    for path, target in action.symlinks.items():
+        os.symlink(target, f"{base}/{path}")
     return staged, remote
 
 
-async def stage_inputs(root: Path, action: Action, cas: LocalBlobStore, *, link: bool = True) -> Staged:
-    """Stage every input of ``action`` under ``root`` (which exists and is empty).
+async def stage_inputs(
+    root: Path, action: Action, cas: LocalBlobStore, *, link: bool = True,
+    give_to: tuple[int, int] | None = None,
+) -> Staged:
+    """Stage every input of ``action`` under ``root`` (which exists and is empty); linked
+    files belong to ``give_to`` when it is given (see :func:`link_policy`).
 
     Raises :class:`MissingInputs` listing the digests neither the local store nor its
     backing tier has.
@@ -180,8 +202,8 @@ async def stage_inputs(root: Path, action: Action, cas: LocalBlobStore, *, link:
     elsewhere = [d for d, p in sources.items() if p is None and d.size]
     if elsewhere:
         _raise_missing(await cas.find_missing(elsewhere))
-    big = len(action.inputs) + len(action.directories) > INLINE_FILES
-    staged, remote = await maybe_in_thread(big, _stage_local, root, action, sources, link)
+    big = len(action.inputs) + len(action.directories) + len(action.symlinks) > INLINE_FILES
+    staged, remote = await maybe_in_thread(big, _stage_local, root, action, sources, link, give_to)
     if not remote:
         return staged
     missing: list[str] = []

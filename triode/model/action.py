@@ -5,7 +5,8 @@ sorted pairs, paths normalized, timeout as a float), so the same action gives th
 digest on every machine and in every Python: it is the action cache's key. Anything
 that can change what the command does is in it: argv, environment, working directory,
 every input's digest and executable bit, the output paths, the timeout, the platform
-and ``do_not_cache``.
+and ``do_not_cache``. Input symlinks (``symlinks``) are encoded only when there are any,
+so the digest of every action without them is what it always was.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
 
 from ..errors import InvalidArgument, InvalidDigest, InvalidPath
 from .digest import Digest
-from .paths import check_relative, parents
+from .paths import check_link_target, check_relative, parents
 
 __all__ = ["Action", "Input", "ACTION_VERSION", "parse_wire_action"]
 
@@ -77,6 +79,9 @@ class Action:
     timeout: float | None = None
     platform: Mapping[str, str] = field(default_factory=dict)
     do_not_cache: bool = False
+    #: Symlinks in the input tree: path to target, a relative target that stays inside the
+    #: root (an REAPI input tree has them). Kept as links when staged.
+    symlinks: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -127,11 +132,13 @@ class Action:
             set_(self, "timeout", float(self.timeout))
         if not isinstance(self.do_not_cache, bool):
             raise InvalidArgument(f"action do_not_cache must be a bool, got {self.do_not_cache!r}")
+        if self.symlinks or type(self.symlinks) is not dict:
+            set_(self, "symlinks", _symlinks(self.symlinks))
         self._check_tree()
 
     def _check_tree(self) -> None:
-        """A path cannot be both a file and a directory of the input tree."""
-        if not self.inputs:
+        """A path cannot be both a file and a directory of the input tree (or a symlink)."""
+        if not self.inputs and not self.symlinks:
             return  # no file, so no clash
         dirs = set(self.directories)
         for path in self.inputs:
@@ -141,15 +148,23 @@ class Action:
             dirs.update(parents(self.cwd))
         for path in self.directories:
             dirs.update(parents(path))
+        for path in self.symlinks:
+            dirs.update(parents(path))
         clash = dirs.intersection(self.inputs)
         if clash:
             path = min(clash)
             raise InvalidPath(f"input {path!r} is a file but other paths put it as a directory", path=path)
+        if self.symlinks:
+            clash = dirs.intersection(self.symlinks) | set(self.inputs).intersection(self.symlinks)
+            if clash:
+                path = min(clash)
+                raise InvalidPath(f"input symlink {path!r} is also a file or a directory of the input tree",
+                                  path=path)
 
     # -- wire and digest -------------------------------------------------------------------
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "argv": list(self.argv),
             "env": dict(self.env),
             "cwd": self.cwd,
@@ -160,6 +175,9 @@ class Action:
             "platform": dict(self.platform),
             "do_not_cache": self.do_not_cache,
         }
+        if self.symlinks:
+            wire["symlinks"] = [[p, t] for p, t in self.symlinks.items()]
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> Action:
@@ -195,26 +213,27 @@ class Action:
             timeout=value.get("timeout"),
             platform=value.get("platform", {}),
             do_not_cache=value.get("do_not_cache", False),
+            symlinks=_wire_symlinks(value.get("symlinks", [])),
         )
 
     def canonical(self) -> bytes:
-        """The bytes the digest is taken of: a fixed-order list, maps as sorted pairs."""
-        return msgpack.packb(
-            [
-                ACTION_VERSION,
-                list(self.argv),
-                [[k, v] for k, v in self.env.items()],
-                self.cwd,
-                [[p, i.digest.hash, i.digest.size, i.executable] for p, i in self.inputs.items()],
-                list(self.directories),
-                list(self.outputs),
-                self.timeout,
-                [[k, v] for k, v in self.platform.items()],
-                self.do_not_cache,
-            ],
-            use_bin_type=True,
-            use_single_float=False,
-        )
+        """The bytes the digest is taken of: a fixed-order list, maps as sorted pairs (input
+        symlinks last, and only when there are any)."""
+        fields = [
+            ACTION_VERSION,
+            list(self.argv),
+            [[k, v] for k, v in self.env.items()],
+            self.cwd,
+            [[p, i.digest.hash, i.digest.size, i.executable] for p, i in self.inputs.items()],
+            list(self.directories),
+            list(self.outputs),
+            self.timeout,
+            [[k, v] for k, v in self.platform.items()],
+            self.do_not_cache,
+        ]
+        if self.symlinks:
+            fields.append([[p, t] for p, t in self.symlinks.items()])
+        return msgpack.packb(fields, use_bin_type=True, use_single_float=False)
 
     def digest(self) -> Digest:
         """SHA-256 of :meth:`canonical`: the action's name in the action cache."""
@@ -236,7 +255,40 @@ class Action:
         return cached
 
 
-_FIELDS = {"argv", "env", "cwd", "inputs", "directories", "outputs", "timeout", "platform", "do_not_cache"}
+_FIELDS = {"argv", "env", "cwd", "inputs", "directories", "outputs", "timeout", "platform", "do_not_cache",
+           "symlinks"}
+
+#: The longest input symlink target.
+MAX_LINK_TARGET = 4096
+
+
+def _symlinks(value: object) -> dict[str, str]:
+    """Input symlinks, checked: relative paths, and targets that stay inside the input root."""
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"action symlinks must map paths to targets, got {type(value).__name__}")
+    out: dict[str, str] = {}
+    for path, target in value.items():
+        check_relative(path, "input symlink")
+        if type(target) is not str or not target or "\0" in target or len(target) > MAX_LINK_TARGET:
+            raise InvalidPath(f"input symlink {path!r} needs a target: a non-empty string without NUL, "
+                              f"at most {MAX_LINK_TARGET} characters", path=path)
+        check_link_target(Path("."), path, target, "input symlink")
+        out[path] = target
+    return dict(sorted(out.items()))
+
+
+def _wire_symlinks(value: Any) -> dict[str, str]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidArgument("action symlinks must be a list of [path, target]")
+    out: dict[str, str] = {}
+    for entry in value:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise InvalidArgument(f"an action symlink is [path, target], got {entry!r}")
+        path, target = entry
+        if path in out:
+            raise InvalidPath(f"input symlink {path!r} is listed twice", path=path)
+        out[path] = target
+    return out
 
 
 #: Parsed actions kept by their wire encoding (see parse_wire_action), and the largest

@@ -20,11 +20,12 @@ builds its results directly) are trusted, not checked again: build from a map wi
 from __future__ import annotations
 
 import math
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, InvalidPath
 from .action import Action, parse_wire_action
 from .digest import EMPTY, Digest
 
@@ -227,9 +228,19 @@ class OutputSymlink:
     def from_wire(cls, value: Any, field: str = "output_symlinks[0]") -> OutputSymlink:
         m = _map(value, field, ("path", "target"))
         target = m.get("target")
-        if type(target) is not str or not target:
-            raise _fail(f"{field}.target", "a non-empty string", target)
-        return cls(_path(m.get("path"), field, "path"), target)
+        if type(target) is not str or not target or "\0" in target:
+            raise _fail(f"{field}.target", "a non-empty string without NUL", target)
+        path = _path(m.get("path"), field, "path")
+        # As execute collects them (model.paths.check_link_target): never out of the root.
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        if target[0] == "/" or joined == ".." or joined.startswith("../"):
+            where = "is absolute" if target[0] == "/" else "points out of the input root"
+            raise InvalidPath(
+                f"action result field '{field}.target': the symlink {path!r} -> {target!r} {where}; "
+                "an output symlink stays inside the input root",
+                field=f"{field}.target", path=path, target=target,
+            )
+        return cls(path, target)
 
 
 _TIMINGS = ("queued", "staging", "running", "uploading")

@@ -12,10 +12,12 @@ import trio
 
 from ..errors import InvalidArgument
 from ..wire.transport import format_address, parse_address
-from .engine import open_engine
+from .engine import EnginePart, open_engine
+from .httpcache import HttpDoor, start_http_door
 from .node import Node, NodeConfig, PartFactory
+from .reapi_exec import start_grpc_door
 from .sched import open_sched
-from .storage import open_storage
+from .storage import StoragePart, open_storage
 from .tools import open_tools
 
 __all__ = ["open_node", "PARTS"]
@@ -50,6 +52,7 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
                 for factory in PARTS:
                     part = await parts.enter_async_context(factory(node))
                     node.parts[part.name] = part
+                _read_own_writes(node)
                 # Connections live in a nursery of their own, closed before the parts are,
                 # so no handler is still running when storage or the engine shuts down.
                 async with trio.open_nursery() as serving:
@@ -60,12 +63,24 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
                         sockname = listeners[0].socket.getsockname()
                         node.address = format_address(sockname[0], sockname[1])
                         serving.start_soon(_accept_all, node, listeners, accept_scope)
+                    door: HttpDoor | None = None
+                    if config.http is not None:
+                        door = await start_http_door(node, serving)
+                        node.http_address = door.address
+                    grpc_door = None
+                    if config.grpc is not None:
+                        grpc_door = await start_grpc_door(node, serving)
+                        node.grpc_address = grpc_door.address
                     try:
                         yield node
                     except BaseException as exc:
                         raised = exc
                     else:
                         accept_scope.cancel()
+                        if door is not None:
+                            await door.drain(config.shutdown_grace)
+                        if grpc_door is not None:
+                            await grpc_door.drain(config.shutdown_grace)
                         await node._drain()
                     serving.cancel_scope.cancel()
         except BaseException as exc:
@@ -74,6 +89,14 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
             nursery.cancel_scope.cancel()
     if raised is not None:
         raise raised
+
+
+def _read_own_writes(node: Node) -> None:
+    """Let storage's ac.get see the results the engine has answered with and is still
+    writing to the action cache (it writes them just behind the answers)."""
+    storage, engine = node.parts.get("storage"), node.parts.get("engine")
+    if isinstance(storage, StoragePart) and isinstance(engine, EnginePart):
+        storage.pending = engine.executor.pending_result
 
 
 def _server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:

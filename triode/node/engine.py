@@ -9,6 +9,7 @@ same executor, which it calls directly (``lookup`` at admission, ``run_action`` 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from .node import Node
 
 __all__ = ["EnginePart", "open_engine"]
+
+#: Says how actions are isolated when the engine starts (a warning when they are not).
+log = logging.getLogger("triode.isolation")
 
 
 @dataclass
@@ -46,11 +50,19 @@ class EnginePart:
 
 @asynccontextmanager
 async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIterator[EnginePart]:
-    """Start the engine over ``node.parts["storage"]``; leaving removes every work dir."""
+    """Start the engine over ``node.parts["storage"]``; leaving removes every work dir.
+
+    Actions are isolated as ``node.config.isolation`` says (unless ``config`` says
+    otherwise): the sandbox is tried here, and the result logged (a warning when "auto"
+    found none) and shown by ``info()``.
+    """
     storage = node.parts.get("storage")
     if storage is None:
         raise RuntimeError("the engine part needs the storage part: open storage before the engine")
     cas, ac = storage.cas, storage.ac  # type: ignore[attr-defined]
+    if config is None:
+        config = EngineConfig(isolation=node.config.isolation, action_network=node.config.action_network,
+                              bwrap=node.config.bwrap)
     data = node.config.data
     base_cm = temporary_base() if data is None else nullcontext(data / "work")
     with base_cm as base:
@@ -58,6 +70,11 @@ async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIt
         workdirs.open()
         try:
             executor = Executor(cas, ac, workdirs, node_id=node.id, config=config)
+            sandbox = await executor.prepare()
+            if sandbox.isolated or config.isolation == "none":
+                log.info("actions: %s", sandbox.detail)
+            else:
+                log.warning("actions: %s", sandbox.detail)
             part = EnginePart(executor)
             async with trio.open_nursery() as nursery:
                 await nursery.start(executor.write_behind)

@@ -1,7 +1,8 @@
 """The storage part of a node: its CAS and action cache, their wire methods, their janitor.
 
 ``node.parts["storage"]`` has ``.cas`` (a :class:`DiskCAS` when the node has a data
-dir, else a :class:`MemoryCAS`) and ``.ac``. Background work (sweeping stale
+dir, else a :class:`MemoryCAS`), ``.ac``, ``.kv`` (a :class:`KeyValueStore`) and
+``.reapi_ac`` (a :class:`ReapiActionCache` over the two). Background work (sweeping stale
 partial uploads, scanning the store, evicting past the high watermark, the link to
 a backing node) runs in a nursery this part owns, so it ends with the node.
 
@@ -18,25 +19,35 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..client import connect
-from ..errors import InvalidArgument, TooLarge, TriodeError
+from ..errors import InvalidArgument, PermissionDenied, TooLarge, TriodeError
 from ..model.digest import Digest
 from ..model.result import ActionResult
 from ..storage.ac import ActionCache
 from ..storage.cas import CAS
 from ..storage.disk import DiskCAS
+from ..storage.keyvalue import KeyValueStore
 from ..storage.memory import MemoryCAS
+from ..storage.reapi_ac import ReapiActionCache
 from ..storage.tier import Backing
 from ..wire.connection import IncomingCall
 from ..wire.framing import IDENTITY, ZSTD, Decoder, Encoder, check_encoding, check_level
 from ..wire.router import Router
-from ..wire.transfer import BATCH_BYTES, DECODE_BATCH, ENCODE_LANES, decode, pump
+from ..wire.transfer import (
+    BATCH_BYTES,
+    DECODE_BATCH,
+    ENCODE_LANES,
+    ChunkReader,
+    FileReader,
+    decode,
+    send_blob,
+)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -59,14 +70,25 @@ SWEEP_INTERVAL = 30.0
 
 class StoragePart:
     name = "storage"
+    #: Who may write the action cache over the wire (``--ac-writes``): "any" client, or
+    #: only this node's own executions ("executor": ac.update is PERMISSION_DENIED).
+    ac_writes: str = "any"
+    #: The engine's results answered but not yet written to the cache (set by open_node once
+    #: the engine is up), so that ac.get reads the node's own writes.
+    pending: Callable[[Digest], ActionResult | None] | None = None
 
-    def __init__(self, cas: CAS, ac: ActionCache) -> None:
+    def __init__(self, cas: CAS, ac: ActionCache, kv: KeyValueStore) -> None:
         self.cas = cas
         self.ac = ac
+        #: Named keys to blobs (ccache's keys, the REAPI action cache's index).
+        self.kv = kv
+        #: The REAPI action cache (ActionResult protobufs by action hash), over ``cas`` and ``kv``.
+        self.reapi_ac = ReapiActionCache(cas, kv)
         self.link: Any = None  # the backing link, when there is one
 
     def info(self) -> dict[str, Any]:
-        return {"cas": self.cas.info(), "ac": self.ac.info()}
+        return {"cas": self.cas.info(), "ac": self.ac.info(), "kv": self.kv.info(),
+                "reapi_ac": self.reapi_ac.info()}
 
 
 async def _sweep_uploads(cas: CAS) -> None:
@@ -98,11 +120,14 @@ async def open_storage(node: Node) -> AsyncIterator[StoragePart]:
     if config.data is not None:
         cas = DiskCAS(config.data, limit=config.cache_size)
         ac = ActionCache(cas, config.data / "ac")
+        kv = KeyValueStore(cas, config.data / "kv")
     else:
         cas = MemoryCAS(limit=config.cache_size or DEFAULT_MEMORY_LIMIT)
         ac = ActionCache(cas)
-    part = StoragePart(cas, ac)
-    register(node.router, cas, ac)
+        kv = KeyValueStore(cas)
+    part = StoragePart(cas, ac, kv)
+    part.ac_writes = config.ac_writes
+    register(node.router, cas, ac, part)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sweep_uploads, cas)
@@ -124,6 +149,7 @@ async def open_storage(node: Node) -> AsyncIterator[StoragePart]:
             nursery.cancel_scope.cancel()
     finally:
         ac.close()
+        kv.close()
         with trio.CancelScope(shield=True):
             await cas.aclose()
 
@@ -196,7 +222,7 @@ def _encoding(call: IncomingCall, args: dict[str, Any]) -> str:
     return encoding
 
 
-def register(router: Router, cas: CAS, ac: ActionCache) -> None:
+def register(router: Router, cas: CAS, ac: ActionCache, part: StoragePart) -> None:
     """Add the ``cas.*`` and ``ac.*`` methods to a node's router."""
 
     async def find_missing(call: IncomingCall) -> dict[str, Any]:
@@ -204,6 +230,11 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
         return {"missing": [d.to_wire() for d in await cas.find_missing(digests)]}
 
     async def put(call: IncomingCall) -> dict[str, Any]:
+        if not call.upload:
+            raise InvalidArgument(
+                "cas.put takes the blob as an upload: call it with meta.up = true, then send "
+                "the bytes in DATA frames and an END"
+            )
         args = _args(call, "digest")
         digest = Digest.from_wire(args["digest"])
         offset = _int_arg(args, "offset")
@@ -217,13 +248,29 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
         return {"digest": digest.to_wire()}
 
     async def get(call: IncomingCall) -> dict[str, Any]:
+        if not call.download:
+            raise InvalidArgument(
+                "cas.get sends the blob back as a download: call it with meta.down = true and "
+                "read the DATA frames before the REPLY (cas.batch_read reads small blobs without one)"
+            )
         args = _args(call, "digest")
         digest = Digest.from_wire(args["digest"])
         offset = _int_arg(args, "offset")
         encoding = _encoding(call, args)
         encoder = Encoder(check_level(args.get("level", 1)), lanes=ENCODE_LANES) if encoding == ZSTD else None
+        size = digest.size - offset
         async with cas.open_read(digest, offset) as chunks:
-            sent = await pump(chunks, encoder, call.send)
+            # Nothing is read ahead of the caller's credit (send_blob): from the blob's file
+            # in reads of the size wanted when the store has one, else cut from its chunks.
+            path = cas.path_of(digest) if isinstance(cas, DiskCAS) and size else None
+            if path is None:
+                sent = await send_blob(call, ChunkReader(call, chunks, size), size, encoder)
+            else:
+                reader = FileReader(call, path, offset)
+                try:
+                    sent = await send_blob(call, reader, size, encoder)
+                finally:
+                    reader.close()
         return {"size": sent}
 
     async def batch_read(call: IncomingCall) -> dict[str, Any]:
@@ -264,12 +311,28 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
         digest, committed, active = status
         return {"digest": digest.to_wire(), "committed": committed, "active": active}
 
+    async def verify(call: IncomingCall) -> dict[str, Any]:
+        args = call.args if call.args is not None else {}
+        if not isinstance(args, dict):
+            raise InvalidArgument(f"{call.method} takes a map of arguments, got {type(args).__name__}")
+        digests = _digest_list(call, args["digests"]) if args.get("digests") is not None else None
+        return (await cas.verify(digests)).to_wire()
+
     async def ac_get(call: IncomingCall) -> dict[str, Any]:
         key = Digest.from_wire(_args(call, "action_digest")["action_digest"])
-        result = await ac.get(key)
+        # The engine writes a result to the cache just behind its answer: until it lands,
+        # it is served from memory, so the node reads its own writes.
+        result = part.pending(key) if part.pending is not None else None
+        if result is None:
+            result = await ac.get(key)
         return {"result": None if result is None else result.to_wire()}
 
     async def ac_update(call: IncomingCall) -> None:
+        if part.ac_writes != "any":
+            raise PermissionDenied(
+                "this node writes its action cache only with results of actions it ran itself "
+                "(it runs with --ac-writes executor): call execute instead"
+            )
         args = _args(call, "action_digest", "result")
         key = Digest.from_wire(args["action_digest"])
         await ac.update(key, ActionResult.from_wire(args["result"]))  # checked here, at the edge
@@ -280,5 +343,6 @@ def register(router: Router, cas: CAS, ac: ActionCache) -> None:
     router.add("cas.batch_read", batch_read)
     router.add("cas.batch_update", batch_update)
     router.add("cas.upload_status", upload_status)
+    router.add("cas.verify", verify)
     router.add("ac.get", ac_get)
     router.add("ac.update", ac_update)

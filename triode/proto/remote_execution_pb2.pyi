@@ -364,12 +364,14 @@ class FindMissingBlobsResponse(_message.Message):
 class BatchUpdateBlobsRequest(_message.Message):
     __slots__ = ("instance_name", "requests")
     class Request(_message.Message):
-        __slots__ = ("digest", "data")
+        __slots__ = ("digest", "data", "compressor")
         DIGEST_FIELD_NUMBER: _ClassVar[int]
         DATA_FIELD_NUMBER: _ClassVar[int]
+        COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
         digest: Digest
         data: bytes
-        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+        compressor: Compressor.Value
+        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ..., compressor: _Optional[_Union[Compressor.Value, str]] = ...) -> None: ...
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
@@ -390,24 +392,28 @@ class BatchUpdateBlobsResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[BatchUpdateBlobsResponse.Response, _Mapping]]] = ...) -> None: ...
 
 class BatchReadBlobsRequest(_message.Message):
-    __slots__ = ("instance_name", "digests")
+    __slots__ = ("instance_name", "digests", "acceptable_compressors")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTABLE_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     digests: _containers.RepeatedCompositeFieldContainer[Digest]
-    def __init__(self, instance_name: _Optional[str] = ..., digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ...) -> None: ...
+    acceptable_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
+    def __init__(self, instance_name: _Optional[str] = ..., digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ..., acceptable_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ...) -> None: ...
 
 class BatchReadBlobsResponse(_message.Message):
     __slots__ = ("responses",)
     class Response(_message.Message):
-        __slots__ = ("digest", "data", "status")
+        __slots__ = ("digest", "data", "status", "compressor")
         DIGEST_FIELD_NUMBER: _ClassVar[int]
         DATA_FIELD_NUMBER: _ClassVar[int]
         STATUS_FIELD_NUMBER: _ClassVar[int]
+        COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
         digest: Digest
         data: bytes
         status: _status_pb2.Status
-        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+        compressor: Compressor.Value
+        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., compressor: _Optional[_Union[Compressor.Value, str]] = ...) -> None: ...
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[BatchReadBlobsResponse.Response]
     def __init__(self, responses: _Optional[_Iterable[_Union[BatchReadBlobsResponse.Response, _Mapping]]] = ...) -> None: ...
@@ -474,6 +480,20 @@ class DigestFunction(_message.Message):
     MURMUR3: DigestFunction.Value
     def __init__(self) -> None: ...
 
+class Compressor(_message.Message):
+    __slots__ = ()
+    class Value(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        IDENTITY: _ClassVar[Compressor.Value]
+        ZSTD: _ClassVar[Compressor.Value]
+        DEFLATE: _ClassVar[Compressor.Value]
+        BROTLI: _ClassVar[Compressor.Value]
+    IDENTITY: Compressor.Value
+    ZSTD: Compressor.Value
+    DEFLATE: Compressor.Value
+    BROTLI: Compressor.Value
+    def __init__(self) -> None: ...
+
 class ActionCacheUpdateCapabilities(_message.Message):
     __slots__ = ("update_enabled",)
     UPDATE_ENABLED_FIELD_NUMBER: _ClassVar[int]
@@ -506,18 +526,22 @@ class SymlinkAbsolutePathStrategy(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheCapabilities(_message.Message):
-    __slots__ = ("digest_function", "action_cache_update_capabilities", "cache_priority_capabilities", "max_batch_total_size_bytes", "symlink_absolute_path_strategy")
+    __slots__ = ("digest_function", "action_cache_update_capabilities", "cache_priority_capabilities", "max_batch_total_size_bytes", "symlink_absolute_path_strategy", "supported_compressors", "supported_batch_update_compressors")
     DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ACTION_CACHE_UPDATE_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CACHE_PRIORITY_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOTAL_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SYMLINK_ABSOLUTE_PATH_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
     digest_function: _containers.RepeatedScalarFieldContainer[DigestFunction.Value]
     action_cache_update_capabilities: ActionCacheUpdateCapabilities
     cache_priority_capabilities: PriorityCapabilities
     max_batch_total_size_bytes: int
     symlink_absolute_path_strategy: SymlinkAbsolutePathStrategy.Value
-    def __init__(self, digest_function: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ..., action_cache_update_capabilities: _Optional[_Union[ActionCacheUpdateCapabilities, _Mapping]] = ..., cache_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., max_batch_total_size_bytes: _Optional[int] = ..., symlink_absolute_path_strategy: _Optional[_Union[SymlinkAbsolutePathStrategy.Value, str]] = ...) -> None: ...
+    supported_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
+    supported_batch_update_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
+    def __init__(self, digest_function: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ..., action_cache_update_capabilities: _Optional[_Union[ActionCacheUpdateCapabilities, _Mapping]] = ..., cache_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., max_batch_total_size_bytes: _Optional[int] = ..., symlink_absolute_path_strategy: _Optional[_Union[SymlinkAbsolutePathStrategy.Value, str]] = ..., supported_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ..., supported_batch_update_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ...) -> None: ...
 
 class ExecutionCapabilities(_message.Message):
     __slots__ = ("digest_function", "exec_enabled", "execution_priority_capabilities", "supported_node_properties")

@@ -5,15 +5,23 @@ supplies three primitives: which digests it lacks, a reader, and a :class:`Write
 This base builds the whole API on them, so verification, the empty blob, concurrent
 puts of one blob, resumable uploads and the backing tier (read-through, write-through,
 one shared fetch per missing blob) are written once.
+
+Stored bytes can still go bad behind the store's back (a disk, a person, an action that
+wrote through a hard link). :meth:`CAS.verify` re-hashes what is stored and removes
+what no longer matches its digest; and wherever the store hashes stored bytes anyway
+(whole small blobs read from disk, a blob the backing node refuses on write-through),
+a mismatch removes the blob there and then, so it is never served again.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +41,7 @@ __all__ = [
     "CAS",
     "Writer",
     "PartialUploads",
+    "VerifyReport",
     "WRITE_BATCH",
     "DEFAULT_MAX_BLOB_SIZE",
 ]
@@ -44,6 +53,30 @@ BATCH_FETCHES = 16
 #: Batches an upload may gather ahead of the one being written.
 WRITE_AHEAD = 1
 DEFAULT_MAX_BLOB_SIZE = 64 * 1024**3
+#: Bytes :meth:`CAS.verify` hashes per worker-thread hop (and small blobs it takes per hop).
+VERIFY_BATCH = 4 * 1024 * 1024
+VERIFY_FILES = 256
+
+log = logging.getLogger("triode.storage")
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`CAS.verify` found: blobs and bytes re-hashed, the damaged ones (removed),
+    and, when it was given digests, those not stored at all."""
+
+    checked: int = 0
+    bytes: int = 0
+    damaged: list[Digest] = field(default_factory=list)
+    missing: list[Digest] = field(default_factory=list)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "bytes": self.bytes,
+            "damaged": [d.to_wire() for d in self.damaged],
+            "missing": [d.to_wire() for d in self.missing],
+        }
 
 
 class _Empty:
@@ -264,6 +297,7 @@ class CAS(ABC):
         self.backing: Backing | None = None
         self.counters: Counter[str] = Counter()
         self._writing: dict[Digest, trio.Event] = {}
+        self._verifying = trio.Lock()
 
     # -- what each store provides ----------------------------------------------------------
 
@@ -282,6 +316,15 @@ class CAS(ABC):
     @abstractmethod
     def _new_writer(self, digest: Digest) -> Writer:
         """A writer for a blob this tier lacks (may raise ResourceExhausted when full)."""
+
+    @abstractmethod
+    async def _verify_local(self, digests: list[Digest] | None, report: VerifyReport) -> None:
+        """Re-hash ``digests`` (non-empty, distinct; None: every stored blob), removing the
+        damaged ones, into ``report``; a few MiB or files per thread hop at most."""
+
+    @abstractmethod
+    def _drop_local(self, digest: Digest) -> bool:
+        """Remove this tier's copy of a blob found damaged; whether there was one."""
 
     async def _get_small_local(self, digest: Digest) -> bytes | None:
         """A small blob in one piece, or None when absent (stores override it to go faster)."""
@@ -356,7 +399,20 @@ class CAS(ABC):
         if self.backing is not None:
             # Write-through: the put succeeds once the backing node has the blob too. A blob
             # that was already here may be here because an earlier write-through failed.
-            await self.backing.write_through(self, digest, check_first=not written)
+            try:
+                await self.backing.write_through(self, digest, check_first=not written)
+            except (DigestMismatch, BlobNotFound):
+                if written:
+                    raise
+                # Our stored copy, sent on unread by us, did not match its digest (the backing
+                # node hashed it; or our small read did and removed it): it is damaged. Drop
+                # it, store the caller's bytes, which are still unread, and send those.
+                if self._drop_local(digest):
+                    log.error("blob %s was damaged here (the backing node refused it): removed, "
+                              "stored again from the upload", digest)
+                    self.counters["damaged_removed"] += 1
+                written = await self._put_local(chunks, digest, upload_id=upload_id, offset=offset)
+                await self.backing.write_through(self, digest, check_first=not written)
         return digest
 
     async def _put_local(
@@ -570,6 +626,16 @@ class CAS(ABC):
                 out[digest] = None  # keeps the caller's order
                 nursery.start_soon(one, digest, data)
         return out
+
+    async def verify(self, digests: Iterable[Digest] | None = None) -> VerifyReport:
+        """Re-hash stored blobs (these ``digests``, or all of them) and remove every one whose
+        bytes no longer match its digest; this tier only. One verification at a time."""
+        wanted = None if digests is None else list(dict.fromkeys(d for d in digests if d.size))
+        async with self._verifying:
+            report = VerifyReport()
+            await self._verify_local(wanted, report)
+        self.counters["verified"] += report.checked
+        return report
 
     async def aclose(self) -> None:
         """Drop partial uploads (their temp files go with them)."""

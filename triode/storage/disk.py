@@ -9,6 +9,12 @@ temp file, swept when a store opens the directory again).
 The store keeps its own record of use (an LRU index of hash to size, in memory,
 saved on close and rebuilt by a stat-level :meth:`DiskCAS.scan`) for eviction; the
 filesystem stays the truth about what exists, so serving needs no index at all.
+
+``cas/`` and ``tmp/`` are private to the node's user (0700): hard-linked inputs of a root
+node's isolated actions belong to ``nobody`` (triode/engine/sandbox.py), and nobody's
+processes must not reach them. A blob file whose bytes no longer match its name (damaged
+on disk, found by :meth:`DiskCAS.verify` or by a whole read of a small blob, which is
+hashed anyway) is removed, never served.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
+import logging
 import os
 import sys
 import time
@@ -31,14 +39,18 @@ import trio
 from ..chunks import INLINE_LIMIT, READ_CHUNK
 from ..concurrency import single_error
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from ..model.digest import EMPTY, Digest
-from .cas import CAS, Lease, Pins, Writer
+from ..model.digest import EMPTY, Digest, Hasher
+from .cas import CAS, VERIFY_BATCH, VERIFY_FILES, Lease, Pins, VerifyReport, Writer
 
 __all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write", "atomic_write_many", "fsync_dir"]
 
 #: A temp file whose writer is gone for this long is swept even if its pid was reused.
 TEMP_MAX_AGE = 24 * 3600.0
 _INDEX_FILE = "lru.msgpack"
+#: Blobs removed as damaged that a later "not stored" error still names as such.
+_DROPPED_REMEMBERED = 1024
+
+log = logging.getLogger("triode.storage")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -175,6 +187,8 @@ class DiskCAS(CAS):
         self._blob_root = str(self.blob_dir)
         _ensure_dir(self.blob_dir)
         _ensure_dir(self.tmp_dir)
+        for private in (self.blob_dir, self.tmp_dir):  # see the module docstring
+            os.chmod(private, 0o700)
         self.limit = limit
         if limit is not None:
             self.max_blob_size = min(self.max_blob_size, limit)
@@ -187,6 +201,8 @@ class DiskCAS(CAS):
         self._reserved = 0
         self._pins = Pins()  # by hash
         self._evicting: set[str] = set()
+        #: Hashes of blobs removed as damaged, most recent last (for clearer errors).
+        self._dropped: OrderedDict[str, None] = OrderedDict()
         self._space = trio.Event()  # set when writers should wake the janitor
         #: Whether the index covers every blob on disk (after :meth:`scan`).
         self.scanned = False
@@ -279,7 +295,9 @@ class DiskCAS(CAS):
         try:
             fd = os.open(self._str_path(digest.hash), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise BlobNotFound(f"blob {digest} is not stored", digest=str(digest)) from None
+            why = (" (its stored copy no longer matched its digest and was removed: upload it again)"
+                   if digest.hash in self._dropped else "")
+            raise BlobNotFound(f"blob {digest} is not stored{why}", digest=str(digest)) from None
         if os.fstat(fd).st_size != digest.size:
             os.close(fd)
             raise BlobNotFound(f"blob {digest} is not stored (a blob of that hash has another size)",
@@ -294,7 +312,12 @@ class DiskCAS(CAS):
         except BlobNotFound:
             return None
         try:
-            return os.pread(fd, digest.size, 0)
+            data = os.pread(fd, digest.size, 0)
+            # Read whole, so hashed here: a few us per KiB buys never serving damaged bytes.
+            if hashlib.sha256(data).hexdigest() == digest.hash and len(data) == digest.size:
+                return data
+            self._damaged(digest, os.fstat(fd).st_ino, "a read")
+            return None
         finally:
             os.close(fd)
 
@@ -353,7 +376,133 @@ class DiskCAS(CAS):
         size = self._index.pop(digest.hash, None)
         if size is not None:
             self._bytes -= size
+        self._dropped[digest.hash] = None
+        self._dropped.move_to_end(digest.hash)
+        while len(self._dropped) > _DROPPED_REMEMBERED:
+            self._dropped.popitem(last=False)
+        if digest.hash == EMPTY.hash:  # always stored: a fresh one takes its place
+            atomic_write(self.tmp_dir, self._path(EMPTY.hash), b"")
         return True
+
+    def _damaged(self, digest: Digest, inode: int, found_by: str) -> None:
+        if self.drop_damaged(digest, inode):
+            self.counters["damaged_removed"] += 1
+            log.error("blob %s: its stored bytes no longer match its digest (found by %s); removed", digest,
+                      found_by)
+
+    def _drop_local(self, digest: Digest) -> bool:
+        try:
+            inode = os.stat(self._str_path(digest.hash)).st_ino
+        except FileNotFoundError:
+            return False
+        return self.drop_damaged(digest, inode)
+
+    # -- verification ----------------------------------------------------------------------
+
+    def _list_tops(self) -> list[str]:
+        return sorted(e.path for e in os.scandir(self.blob_dir) if e.is_dir(follow_symlinks=False))
+
+    @staticmethod
+    def _list_blobs(top: str) -> list[tuple[str, int]]:
+        """(hash, size) of every blob file under one ``cas/xx`` dir."""
+        found = []
+        for mid in os.scandir(top):
+            if not mid.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(mid.path):
+                if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
+                    try:
+                        found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+                    except FileNotFoundError:
+                        continue
+        return found
+
+    def _sizes(self, hashes: list[str]) -> list[int | None]:
+        out: list[int | None] = []
+        for h in hashes:
+            try:
+                out.append(os.stat(self._str_path(h)).st_size)
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def _check_files(self, hashes: list[str]) -> list[tuple[str, int, int, bool] | None]:
+        """(hash, size, inode, intact) of each small blob file, read whole (None: gone)."""
+        out: list[tuple[str, int, int, bool] | None] = []
+        for h in hashes:
+            try:
+                fd = os.open(self._str_path(h), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            try:
+                st = os.fstat(fd)
+                sha = hashlib.sha256()
+                while block := os.read(fd, READ_CHUNK):
+                    sha.update(block)
+            finally:
+                os.close(fd)
+            out.append((h, st.st_size, st.st_ino, sha.hexdigest() == h))
+        return out
+
+    async def _check_large(self, h: str) -> tuple[str, int, int, bool] | None:
+        """As :meth:`_check_files` for one large blob, :data:`VERIFY_BATCH` bytes per hop."""
+        try:
+            fd = await trio.to_thread.run_sync(os.open, self._str_path(h), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            hasher = Hasher()
+            while await trio.to_thread.run_sync(_hash_some, fd, hasher, VERIFY_BATCH):
+                pass
+            return h, hasher.size, os.fstat(fd).st_ino, hasher.digest().hash == h
+        finally:
+            os.close(fd)
+
+    async def _verify_local(self, digests: list[Digest] | None, report: VerifyReport) -> None:
+        if digests is None:
+            for top in await trio.to_thread.run_sync(self._list_tops):
+                await self._verify_files(await trio.to_thread.run_sync(self._list_blobs, top), report)
+            return
+        sizes = await trio.to_thread.run_sync(self._sizes, [d.hash for d in digests])
+        here = [(d.hash, size) for d, size in zip(digests, sizes, strict=True) if size is not None]
+        intact = await self._verify_files(here, report)
+        for d, size in zip(digests, sizes, strict=True):
+            if size is None or (d.hash in intact and intact[d.hash] != d.size):
+                report.missing.append(d)  # (another size under that hash is another blob)
+
+    async def _verify_files(self, files: list[tuple[str, int]], report: VerifyReport) -> dict[str, int]:
+        """Re-hash these blob files, small ones many per hop; returns the intact ones' sizes."""
+        intact: dict[str, int] = {}
+        batch: list[str] = []
+        batched = 0
+
+        async def settle(results: list[tuple[str, int, int, bool] | None]) -> None:
+            for result in results:
+                if result is None:
+                    continue  # evicted meanwhile
+                h, size, inode, ok = result
+                report.checked += 1
+                report.bytes += size
+                if ok:
+                    intact[h] = size
+                    continue
+                digest = Digest(h, self._index.get(h, size))
+                self._damaged(digest, inode, "verify")
+                report.damaged.append(digest)
+
+        for h, size in files:
+            if size > VERIFY_BATCH:
+                await settle([await self._check_large(h)])
+                continue
+            batch.append(h)
+            batched += size
+            if batched >= VERIFY_BATCH or len(batch) >= VERIFY_FILES:
+                await settle(await trio.to_thread.run_sync(self._check_files, batch))
+                batch, batched = [], 0
+        if batch:
+            await settle(await trio.to_thread.run_sync(self._check_files, batch))
+        return intact
 
     def lease(self, digests: Iterable[Digest]) -> Lease:
         """Pin blobs against eviction: ``with cas.lease(digests): ...`` (or ``async with``)."""
@@ -496,6 +645,13 @@ class DiskCAS(CAS):
     async def aclose(self) -> None:
         await super().aclose()
         await trio.to_thread.run_sync(self.save_index)
+
+
+def _hash_some(fd: int, hasher: Hasher, n: int) -> int:
+    """Hash up to ``n`` more bytes of ``fd`` (read from where the hasher is); 0 at the end."""
+    block = os.pread(fd, n, hasher.size)
+    hasher.update(block)
+    return len(block)
 
 
 class _FdChunks:

@@ -12,8 +12,8 @@ import trio
 
 from ..chunks import INLINE_LIMIT, READ_CHUNK
 from ..errors import BlobNotFound, ResourceExhausted, TooLarge
-from ..model.digest import Digest
-from .cas import CAS, Lease, Pins, Writer
+from ..model.digest import Digest, Hasher
+from .cas import CAS, VERIFY_BATCH, Lease, Pins, VerifyReport, Writer
 
 __all__ = ["MemoryCAS"]
 
@@ -89,6 +89,37 @@ class MemoryCAS(CAS):
     def lease(self, digests: Iterable[Digest]) -> Lease:
         """Pin blobs against eviction while held (``with`` or ``async with``), as DiskCAS does."""
         return self._pins.lease(digests)
+
+    def _drop_local(self, digest: Digest) -> bool:
+        data = self._blobs.pop(digest, None)
+        if data is None:
+            return False
+        self._bytes -= len(data)
+        return True
+
+    async def _verify_local(self, digests: list[Digest] | None, report: VerifyReport) -> None:
+        wanted = list(self._blobs) if digests is None else digests
+        for digest in wanted:
+            data = self._blobs.get(digest)
+            if data is None:
+                if digests is not None:
+                    report.missing.append(digest)
+                continue
+            hasher = Hasher()
+            view = memoryview(data)
+            for i in range(0, len(view), VERIFY_BATCH):  # bounded work per hop
+                piece = view[i : i + VERIFY_BATCH]
+                if len(piece) <= INLINE_LIMIT:
+                    hasher.update(piece)
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.to_thread.run_sync(hasher.update, piece)
+            report.checked += 1
+            report.bytes += len(data)
+            if hasher.digest() != digest and self._blobs.get(digest) is data:
+                self._drop_local(digest)
+                self.counters["damaged_removed"] += 1
+                report.damaged.append(digest)
 
     def _new_writer(self, digest: Digest) -> Writer:
         self._reserve(digest.size)

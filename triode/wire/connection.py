@@ -49,7 +49,9 @@ from .protocol import HELLO_MAX_FRAME as HELLO_MAX_FRAME  # defined here before 
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "ByteBudget",
     "ConnectionConfig",
+    "HelloGuard",
     "PeerHello",
     "Connection",
     "OutgoingCall",
@@ -66,6 +68,85 @@ _RECEIVE_SIZE = 256 * 1024
 CONTROL_SLACK = 1024 * 1024
 
 Handler = Callable[["IncomingCall"], Awaitable[Any]]
+
+#: Stream data one connection may hold read ahead or queued for its socket (see ByteBudget).
+DEFAULT_BUFFER_LIMIT = 8 * 1024 * 1024
+
+
+class ByteBudget:
+    """Bytes that may be held in memory at once, taken before buffering, given back after.
+
+    A node has one, shared by all its connections; each connection has its own, whose
+    ``parent`` is the node's, so one connection cannot take the whole node's share.
+    Blob bytes a handler sends are reserved here before they are read
+    (:meth:`IncomingCall.reserve`) and given back once written to the socket. Waiters
+    are served first come, first served; a request larger than the limit is granted
+    when nothing else is held, so it waits but never deadlocks.
+    """
+
+    __slots__ = ("limit", "parent", "used", "_waiters")
+
+    def __init__(self, limit: int, parent: ByteBudget | None = None) -> None:
+        if limit < 1:
+            raise ValueError(f"a byte budget needs a positive limit, got {limit}")
+        self.limit = limit
+        self.parent = parent
+        self.used = 0
+        self._waiters: deque[list[Any]] = deque()  # [bytes wanted, task], in arrival order
+
+    def __repr__(self) -> str:
+        return f"ByteBudget(used={self.used}, limit={self.limit}, waiting={len(self._waiters)})"
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _fits(self, n: int) -> bool:
+        return self.used + n <= self.limit or self.used == 0
+
+    async def acquire(self, n: int) -> None:
+        """Take ``n`` bytes (here, then in the parent), waiting for room."""
+        await self._acquire_here(n)
+        if self.parent is not None:
+            try:
+                await self.parent.acquire(n)
+            except BaseException:
+                self._release_here(n)
+                raise
+
+    async def _acquire_here(self, n: int) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._waiters and self._fits(n):
+            self.used += n
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        waiter = [n, trio.lowlevel.current_task()]
+        self._waiters.append(waiter)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiters.remove(waiter)
+            self._wake()  # the head may have left: those behind it may fit now
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes taken with :meth:`acquire`."""
+        self._release_here(n)
+        if self.parent is not None:
+            self.parent.release(n)
+
+    def _release_here(self, n: int) -> None:
+        self.used -= n
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self._fits(waiters[0][0]):
+            n, task = waiters.popleft()
+            self.used += n
+            trio.lowlevel.reschedule(task)
 
 
 @dataclass(frozen=True)
@@ -88,6 +169,11 @@ class ConnectionConfig:
     max_chunk: int = 1024 * 1024
     #: Bytes queued for the socket before senders of streams and replies must wait.
     send_buffer: int = 4 * 1024 * 1024
+    #: Blob bytes a handler may hold read ahead or queued for the socket on this connection
+    #: (see IncomingCall.reserve); within ``budget`` when there is one.
+    buffer_limit: int = DEFAULT_BUFFER_LIMIT
+    #: The node's budget for such bytes, shared by all its connections (None: none).
+    budget: ByteBudget | None = field(default=None, compare=False, repr=False)
     #: Send a PING after this many idle seconds; declare the peer dead after dead_after.
     keepalive_interval: float = 10.0
     dead_after: float = 30.0
@@ -98,6 +184,51 @@ class ConnectionConfig:
             node_id=self.node_id, features=self.features, window=self.window,
             max_frame=self.max_frame, max_calls=self.max_calls, token=self.token,
         )
+
+
+class HelloGuard:
+    """An acceptor's say over a connection until the peer's hello is accepted.
+
+    Pass one to :func:`open_connection` (a node does, for every connection it accepts).
+    :meth:`abort` refuses the connection now, whatever the hello has reached: the reason
+    goes to the peer as ``ERROR`` id 0 and is raised from ``open_connection``. The hooks,
+    for subclasses, run in the handshake with no checkpoint between them and the
+    protocol's own checks: :meth:`before_hello` when the peer's first frame has arrived
+    (raise a TriodeError to refuse it unread), :meth:`after_hello` with the verdict.
+    """
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+        #: Why abort() refused the connection, and whether the peer is told (an ERROR frame).
+        self.refusal: TriodeError | None = None
+        self.tell = True
+        #: The hello is still awaited: abort() still applies.
+        self.pending = True
+
+    def scope(self) -> trio.CancelScope:
+        """A cancel scope for a stage of the greeting (its owner may wait for the first
+        bytes in one before the handshake's): abort() cancels it, at once if it came first."""
+        self._scope = trio.CancelScope()
+        if self.refusal is not None:
+            self._scope.cancel()
+        return self._scope
+
+    def abort(self, refusal: TriodeError, *, tell: bool = True) -> bool:
+        """Refuse the connection with ``refusal`` (sent to the peer as ERROR id 0 unless
+        ``tell`` is false: then it just hangs up); False once its hello was accepted."""
+        if not self.pending or self.refusal is not None:
+            return False
+        self.refusal = refusal
+        self.tell = tell
+        if self._scope is not None:
+            self._scope.cancel()
+        return True
+
+    def before_hello(self) -> None:
+        """The peer's first frame is here and about to be checked."""
+
+    def after_hello(self, refused: TriodeError | None) -> None:
+        """The hello was refused (why), or accepted (None): the connection is open."""
 
 
 def _wire_error(exc: BaseException) -> TriodeError | None:
@@ -191,7 +322,7 @@ class _Outbound:
 
     __slots__ = ("_conn", "_call", "_lot")
 
-    def __init__(self, conn: Connection, call: CallState) -> None:
+    def __init__(self, conn: Connection, call: OutgoingCall | IncomingCall) -> None:
         self._conn = conn
         self._call = call  # its send_window: set by the protocol once the call is open
         self._lot = trio.lowlevel.ParkingLot()
@@ -219,7 +350,7 @@ class _Outbound:
                 return False
             n = proto.take_credit(call, min(len(view), chunk_limit))
             piece = view[:n]
-            await conn._send_frame(codec.data_header(call.id, n), piece if keep else bytes(piece))
+            await conn._send_data(call, codec.data_header(call.id, n), piece if keep else bytes(piece))
             view = view[n:]
         return window.open
 
@@ -229,6 +360,8 @@ class OutgoingCall(MadeCall):
 
     It is also the protocol's record of the call (a :class:`MadeCall`): one object per call.
     """
+
+    _reserved = 0  # an upload's bytes are not reserved (see IncomingCall.reserve)
 
     def __init__(self, conn: Connection, call_id: int, method: str, *, upload: bool, download: bool) -> None:
         self.id = call_id
@@ -317,6 +450,9 @@ class IncomingCall(ServedCall):
     It is also the protocol's record of the call (a :class:`ServedCall`): one object per call.
     """
 
+    #: Bytes of the connection's budget this call holds for data not yet queued (reserve()).
+    _reserved = 0
+
     def __init__(
         self,
         conn: Connection,
@@ -342,6 +478,53 @@ class IncomingCall(ServedCall):
     def peer(self) -> PeerHello:
         return self.connection.peer
 
+    @property
+    def upload(self) -> bool:
+        """Whether the caller opened the call with an upload stream (``meta.up``)."""
+        return self._inbound is not None
+
+    @property
+    def send_credit(self) -> int:
+        """Bytes the caller lets us send now (0 without a download, or once it is over)."""
+        window = self.send_window
+        if window is None or not window.open:
+            return 0
+        return window.credit
+
+    @property
+    def credit_granted(self) -> int:
+        """All the credit the caller has granted on the download so far (its window, plus
+        every CREDIT): what it has let us send since the call began."""
+        window = self.send_window
+        return 0 if window is None else window.granted
+
+    @property
+    def sending(self) -> bool:
+        """Whether the download may still carry data (it has one and is not over)."""
+        window = self.send_window
+        return window is not None and window.open
+
+    async def wait_credit(self) -> None:
+        """Wait until the caller grants credit, or the download ends."""
+        if self._outbound is None:
+            raise RuntimeError(f"{self.method}: no download to wait for credit on")
+        await self._outbound._lot.park()
+
+    async def reserve(self, n: int) -> None:
+        """Take ``n`` bytes of the connection's (and node's) buffer budget before reading
+        that much to send. :meth:`send` passes the reservation on with the data; the
+        bytes are given back once written to the socket, and whatever the call still
+        holds when it ends is given back then."""
+        await self.connection.budget.acquire(n)
+        self._reserved += n
+
+    def unreserve(self, n: int) -> None:
+        """Give back ``n`` reserved bytes that will not be sent (a short read)."""
+        n = min(n, self._reserved)
+        if n > 0:
+            self._reserved -= n
+            self.connection.budget.release(n)
+
     async def receive(self) -> bytes | None:
         """The next uploaded chunk; None at the end of the upload (at once without one)."""
         if self._inbound is None:
@@ -364,13 +547,15 @@ class IncomingCall(ServedCall):
         while (chunk := await self.receive()) is not None:
             yield chunk
 
-    async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Stream bytes back to the caller (who must have opened the call with open_call)."""
+    async def send(self, data: bytes | bytearray | memoryview) -> bool:
+        """Stream bytes back to the caller; False once the download is over (the call was
+        answered or cancelled). Reserved bytes (:meth:`reserve`) go with the data."""
         if self._outbound is None:
             raise errors.InvalidArgument(
-                f"{self.method} streams its result; call it with open_call(), not call()"
+                f"{self.method} streams its result back: call it with meta.down = true "
+                "(in Python, Connection.open_call)"
             )
-        await self._outbound.send(data)
+        return await self._outbound.send(data)
 
 
 class Connection:
@@ -403,6 +588,10 @@ class Connection:
         self.peer: PeerHello  # set by the handshake
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
+        #: Of the bytes queued, those reserved in ``budget``: given back once written.
+        self._out_charged = 0
+        #: Blob bytes this connection's handlers hold, within the node's budget.
+        self.budget = ByteBudget(config.buffer_limit, parent=config.budget)
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._space_lot = trio.lowlevel.ParkingLot()
         self._scope = trio.CancelScope()
@@ -571,6 +760,24 @@ class Connection:
         if self._writer_lot:  # the writer is waiting (else it will find these when it loops)
             self._writer_lot.unpark()
 
+    async def _send_data(
+        self, call: OutgoingCall | IncomingCall, header: bytes, chunk: bytes | memoryview
+    ) -> None:
+        """Queue a DATA frame (as :meth:`_send_frame`); the call's reserved bytes move
+        with it to the queue, and are given back once the writer has written them."""
+        while self._out_bytes >= self.config.send_buffer:
+            self._check_open()
+            await self._space_lot.park()
+        if self._proto.close_reason is not None:
+            self._proto.check_open()
+        charge = call._reserved
+        if charge:
+            if charge > len(chunk):
+                charge = len(chunk)
+            call._reserved -= charge
+            self._out_charged += charge
+        self._queue(header, chunk)
+
     async def _send_frame(self, *pieces: bytes | memoryview) -> None:
         """Queue a frame (in pieces) once the send buffer has room: backpressure for data
         and replies."""
@@ -591,13 +798,18 @@ class Connection:
             while not self._out:
                 await self._writer_lot.park()
             batch, self._out = self._out, []
+            charged, self._out_charged = self._out_charged, 0
             size = sum(map(len, batch))
-            if len(batch) == 1:
-                await stream.send_all(batch[0])
-            elif sock is not None and size >= _GATHER_SMALL and hasattr(sock, "sendmsg"):
-                await _send_gathered(sock, batch)
-            else:
-                await stream.send_all(b"".join(batch))
+            try:
+                if len(batch) == 1:
+                    await stream.send_all(batch[0])
+                elif sock is not None and size >= _GATHER_SMALL and hasattr(sock, "sendmsg"):
+                    await _send_gathered(sock, batch)
+                else:
+                    await stream.send_all(b"".join(batch))
+            finally:
+                if charged:
+                    self.budget.release(charged)
             self._out_bytes -= size
             self._space_lot.unpark_all()
 
@@ -722,6 +934,22 @@ class Connection:
                     log.exception("handler for %s failed", call.method)
                     err = errors.Internal(f"{call.method} failed on node {self.config.node_id}: {exc!r}")
                 frame = proto.reply_error(call, err)
+            except BaseExceptionGroup as group:
+                # Cancelled beside other errors: the whole connection is closing (its scope
+                # is cancelled, so the call's own scope let this through), and the errors
+                # came of it (a send on the closed connection). Nobody gets an answer: only
+                # the cancellation goes on up, so closing is one log line, not a traceback.
+                cancelled, rest = group.split(trio.Cancelled)
+                if cancelled is None:
+                    raise
+                if rest is not None:
+                    _, bugs = rest.split((TriodeError, trio.BrokenResourceError, trio.ClosedResourceError))
+                    if bugs is not None:  # not a consequence of the closing: worth a traceback
+                        log.error("handler for %s failed as its connection closed", call.method,
+                                  exc_info=bugs)
+                    else:
+                        log.debug("%s on a closing connection also raised %r", call.method, rest)
+                raise cancelled from None
             if call._outbound is not None:
                 call._outbound.wake()
             if frame is not None and not call.cancelled:
@@ -731,6 +959,9 @@ class Connection:
                     pass
         finally:
             proto.served_done(call)
+            if call._reserved:
+                self.budget.release(call._reserved)
+                call._reserved = 0
             if call._outbound is not None:
                 call._outbound.wake()
             if not proto.served:
@@ -738,7 +969,7 @@ class Connection:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def _handshake(self) -> None:
+    async def _handshake(self, guard: HelloGuard | None = None) -> None:
         """Exchange hellos. The initiator speaks first; the protocol checks the peer's.
 
         An acceptor that refuses a hello says why in an ERROR with call id 0 before it
@@ -748,21 +979,36 @@ class Connection:
         if self._initiator:
             await self.stream.send_all(proto.hello_frame())
         try:
-            self.peer = proto.receive_hello(await self._receive_one())
+            message = await self._receive_one()
+            if guard is not None:
+                guard.before_hello()
+            try:
+                self.peer = proto.receive_hello(message)
+            except TriodeError as err:
+                if guard is not None:
+                    guard.after_hello(err)
+                raise
+            if guard is not None:
+                guard.pending = False
+                guard.after_hello(None)
         except ConnectionClosed:
             raise
         except TriodeError as err:
             if not self._initiator:
-                with trio.move_on_after(1):
-                    try:
-                        await self.stream.send_all(proto.refusal_frame(err))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                await self._refuse(err)
             raise
         if not self._initiator:
             await self.stream.send_all(proto.hello_frame())
         self._call_slots = trio.Semaphore(self.peer.max_calls)
         self._last_receive = trio.current_time()
+
+    async def _refuse(self, err: TriodeError) -> None:
+        """Tell the peer why we hang up (ERROR id 0), waiting at most 1 s for the write."""
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(self._proto.refusal_frame(err))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _receive_one(self) -> list[Any]:
         decoder = self._proto.decoder
@@ -833,15 +1079,26 @@ class Connection:
             made._resolve(False, (reason.code, reason.message, reason.details))
         for served in list(proto.served.values()):
             served._scope.cancel()
+        if self._out_charged:  # queued, never to be written
+            self.budget.release(self._out_charged)
+            self._out_charged = 0
         self._space_lot.unpark_all()
         self._scope.cancel()
         self._closed.set()
 
-    async def _open(self) -> None:
+    async def _open(self, guard: HelloGuard | None = None) -> None:
         """The hello, bounded by ``handshake_timeout``; on any failure the stream is closed."""
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                await self._handshake()
+                if guard is None:
+                    await self._handshake()
+                else:
+                    with guard.scope():
+                        await self._handshake(guard)
+                    if guard.refusal is not None:  # abort(): say why, then hang up
+                        if guard.tell:
+                            await self._refuse(guard.refusal)
+                        raise guard.refusal.copy()
         except trio.TooSlowError:
             await trio.aclose_forcefully(self.stream)
             raise ConnectionClosed(
@@ -907,17 +1164,19 @@ async def open_connection(
     *,
     handlers: Callable[[str], Handler | None] | None = None,
     initiator: bool = True,
+    guard: HelloGuard | None = None,
 ) -> AsyncIterator[Connection]:
     """Handshake over ``stream`` and serve it until the block is left.
 
     ``handlers`` maps a method name to its handler (or None for an unknown method).
+    ``guard`` (an acceptor's) may refuse the connection until its hello is accepted.
     Leaving the block closes the connection, cancels the handlers it runs and joins
     every task it started; the stream is closed too.
     """
     conn = Connection(stream, config, handlers, initiator=initiator)
     # The hello happens before the nursery opens, so a refused hello (bad token, wrong
     # version) is raised as itself rather than inside an ExceptionGroup.
-    await conn._open()
+    await conn._open(guard)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(conn._run)

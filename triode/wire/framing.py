@@ -9,8 +9,9 @@ A transfer negotiated as ``"zstd"`` is a sequence of chunks, each a 5-byte heade
 A chunk that does not get smaller is sent raw, so random data costs no inflation.
 Chunks need not line up with DATA frames (the wire splits and merges by credit),
 hence the explicit lengths. The decoder is bounded twice: a payload over
-:data:`MAX_PAYLOAD` is refused from its header, and a frame that would decompress
-past the bytes the digest still allows is refused before it is decompressed.
+:data:`MAX_PAYLOAD` is refused from its header, and a frame that would decompress to
+more than :data:`MAX_PAYLOAD`, or past the bytes the digest still allows, is refused
+before it is decompressed. A payload holds exactly one zstd frame.
 Transfers negotiated as ``"identity"`` carry the blob's bytes with no framing at all.
 """
 
@@ -117,7 +118,10 @@ class Decoder:
             if flag not in (_RAW, _COMPRESSED):
                 raise InvalidArgument(f"zstd transfer chunk has unknown flag {flag} (0 raw, 1 zstd)")
             if length > MAX_PAYLOAD:
-                raise InvalidArgument(f"zstd transfer chunk of {length} bytes is over {MAX_PAYLOAD}")
+                raise InvalidArgument(
+                    f"zstd transfer chunk has a payload of {length} bytes, over the limit of "
+                    f"{MAX_PAYLOAD}", size=length, limit=MAX_PAYLOAD,
+                )
             end = pos + _HEADER.size + length
             if len(buf) < end:
                 break
@@ -147,11 +151,22 @@ class Decoder:
             raise InvalidArgument(f"zstd transfer chunk is not a zstd frame: {exc}") from None
         if size < 0:
             raise InvalidArgument("zstd transfer chunk must record its content size")
-        if size > self.remaining or size > MAX_PAYLOAD:
+        if size > MAX_PAYLOAD:
+            raise InvalidArgument(
+                f"zstd transfer chunk decompresses to {size} bytes, over the limit of {MAX_PAYLOAD} "
+                f"bytes per chunk; compress at most {MAX_PAYLOAD} raw bytes per chunk",
+                size=size, limit=MAX_PAYLOAD,
+            )
+        if size > self.remaining:
             raise self._overflow(size)
         try:
-            raw = self._zstd.decompress(frame, max_output_size=size)
+            raw = self._zstd.decompress(frame, max_output_size=size, allow_extra_data=False)
         except zstandard.ZstdError as exc:
+            if "unused data" in str(exc):
+                raise InvalidArgument(
+                    "zstd transfer chunk holds bytes after its zstd frame (a second frame?): "
+                    "put exactly one frame in each chunk"
+                ) from None
             raise InvalidArgument(f"zstd transfer chunk does not decompress: {exc}") from None
         if len(raw) != size:
             raise InvalidArgument(f"zstd frame said {size} bytes and held {len(raw)}")

@@ -118,7 +118,9 @@ class PeerHello:
                 peer_version=version,
                 version=PROTOCOL_VERSION,
             )
-        features = need("features", list, lambda v: all(isinstance(f, str) for f in v), "a list of strings")
+        features = body.get("features", [])  # optional: absent is no feature
+        if type(features) is not list or not all(type(f) is str for f in features):
+            raise ProtocolError(f"hello field 'features' must be a list of strings, got {features!r}")
         token = body.get("token")
         if token is not None and not isinstance(token, str):
             raise ProtocolError("hello field 'token' must be a string")
@@ -137,16 +139,19 @@ class PeerHello:
 
 
 class SendWindow:
-    """A stream we send: the credit left, and whether DATA may still go."""
+    """A stream we send: the credit left, whether DATA may still go, and all the credit
+    ever granted (the window, plus every CREDIT): a sender that has prepared ``n`` bytes
+    so far may prepare ``granted - n`` more without getting ahead of the receiver."""
 
-    __slots__ = ("credit", "open")
+    __slots__ = ("credit", "open", "granted")
 
     def __init__(self, credit: int) -> None:
         self.credit = credit
         self.open = True
+        self.granted = credit
 
     def __repr__(self) -> str:
-        return f"SendWindow(credit={self.credit}, open={self.open})"
+        return f"SendWindow(credit={self.credit}, granted={self.granted}, open={self.open})"
 
 
 class ReceiveWindow:
@@ -502,11 +507,14 @@ class Protocol(Generic[M, S]):
             ))
         timeout = meta.get("timeout")
         if timeout is not None:
-            if not isinstance(timeout, (int, float)) or timeout != timeout:
+            if (type(timeout) is not float and type(timeout) is not int) or timeout != timeout:
                 raise ProtocolError(f"CALL meta 'timeout' must be a number of seconds, got {timeout!r}")
             timeout = max(timeout, 0.0)
-        upload = bool(meta.get("up"))
-        download = bool(meta.get("down"))
+        upload = meta.get("up", False)
+        download = meta.get("down", False)
+        if (upload is not False and upload is not True) or (download is not False and download is not True):
+            key, value = ("up", upload) if upload is not False and upload is not True else ("down", download)
+            raise ProtocolError(f"CALL meta {key!r} must be true or false, got {value!r}")
         call = self._new_served(call_id, method, args, timeout, upload, download)
         call.send_window = SendWindow(self.peer.window) if download else None
         call.recv_window = ReceiveWindow(self.window) if upload else None
@@ -640,7 +648,9 @@ class Protocol(Generic[M, S]):
         call = self._call_for(call_id)
         if call is None or call.send_window is None:
             return None
-        call.send_window.credit += n
+        window = call.send_window
+        window.credit += n
+        window.granted += n
         return call
 
     def take_credit(self, call: CallState, want: int) -> int:
