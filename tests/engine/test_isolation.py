@@ -212,6 +212,17 @@ async def test_the_daemons_of_a_timed_out_action_end_with_it(kind: str, tmp_path
 
 
 @pytest.mark.parametrize("kind", NODES)
+async def test_an_action_runs_in_its_work_dir_whatever_pwd_it_sets(kind: str, tmp_path: Path) -> None:
+    """Bazel sends PWD=/proc/self/cwd: bubblewrap without --chdir would start in $PWD."""
+    async with no_leaks(), spawn_node(kind, tmp_path) as node, triode.connect(node.address) as client:
+        for pwd in ("/proc/self/cwd", "/", "/nonexistent"):
+            action = Action(("/bin/sh", "-c", "cat here.txt"), env={"PWD": pwd},
+                            inputs={"sub/here.txt": await client.cas.put(b"in the work dir")}, cwd="sub")
+            r = (await client.execute(action)).result
+            assert r.exit_code == 0 and await client.cas.get(r.stdout.digest) == b"in the work dir"
+
+
+@pytest.mark.parametrize("kind", NODES)
 async def test_the_action_sees_its_own_environment_and_an_error_for_a_missing_program(
     kind: str, tmp_path: Path
 ) -> None:

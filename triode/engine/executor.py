@@ -237,11 +237,12 @@ class Executor:
                 self.counters["inputs_fetched"] += staged.fetched
                 staged_at = trio.current_time()
                 assert self.sandbox is not None
+                cwd = root / action.cwd if action.cwd else root
                 run = await run_process(
                     action.argv,
-                    wrapper=self.sandbox.wrapper(root, action.env, action.argv[0]),
+                    wrapper=self.sandbox.wrapper(root, action.env, action.argv[0], cwd=cwd),
                     env=action.env,
-                    cwd=root / action.cwd if action.cwd else root,
+                    cwd=cwd,
                     timeout=action.timeout,
                     grace=self.config.grace,
                     output_cap=self.config.output_cap,

@@ -80,7 +80,7 @@ class Sandbox:
         return self.mode == "bwrap"
 
     def wrapper(
-        self, work: Path, env: Mapping[str, str] | None = None, program: str = ""
+        self, work: Path, env: Mapping[str, str] | None = None, program: str = "", cwd: Path | None = None
     ) -> Callable[[int], list[str]] | None:
         """What runs ``program`` (argv[0]) with environment ``env`` in this sandbox, ``work``
         writable, for :func:`~triode.engine.runner.run_process` (None when unisolated):
@@ -89,7 +89,10 @@ class Sandbox:
             return None
         w = os.fspath(work)
         head = self.prefix
-        tail = ("--bind", w, w, "--", *self._restore_env(env or {}, program))
+        # --chdir always: without it bwrap 0.8 takes its working directory from $PWD, which a
+        # client may set to anything (Bazel sends PWD=/proc/self/cwd), not from its own cwd.
+        where = os.fspath(cwd if cwd is not None else work)
+        tail = ("--bind", w, w, "--chdir", where, "--", *self._restore_env(env or {}, program))
         return lambda info: [*head, "--info-fd", str(info), *tail]
 
     def _restore_env(self, env: Mapping[str, str], program: str) -> list[str]:
