@@ -28,22 +28,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from triode.proto import bytestream_pb2 as bs
 from triode.proto import remote_execution_pb2 as pb
 
 from ..harness import Bench, at_least, workload
+from .bazel_build import clean_build, free_port, workspace
 
 try:
     import grpc
@@ -85,12 +83,6 @@ instances:
         storage: *main-storage
 thread-pool-size: 20
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serialize(message: Any) -> bytes:
@@ -154,7 +146,7 @@ def _buildgrid(b: Bench, bgd: str) -> Iterator[str]:
     """A BuildGrid server (disk CAS, in-memory action cache) on loopback; its address."""
     root = b.tmpdir / f"buildgrid-{uuid.uuid4().hex[:8]}"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     config = root / "buildgrid.yml"
     config.write_text(BUILDGRID_CONFIG.format(port=port, path=root / "cas"))
     log = open(root / "buildgrid.log", "wb")  # noqa: SIM115 - closed below
@@ -203,7 +195,7 @@ def _servers(b: Bench) -> Iterator[tuple[str, str] | None]:
                    f"buildgrid; then {BUILDGRID_ENV}=/tmp/buildgrid-venv/bin/bgd)")
         yield None
         return
-    door = f"127.0.0.1:{_free_port()}"
+    door = f"127.0.0.1:{free_port()}"
     with b.spawn_node("--grpc", door), _buildgrid(b, bgd) as buildgrid:
         yield door, buildgrid
 
@@ -372,73 +364,6 @@ def batches(b: Bench) -> None:
 
 # -- Bazel ------------------------------------------------------------------------------------
 
-_CC_RULES = ("cc_binary", "cc_library", "cc_test", "cc_import", "cc_proto_library", "cc_toolchain",
-             "cc_toolchain_suite", "fdo_profile", "fdo_prefetch_hints", "objc_library", "objc_import")
-_JAVA_RULES = ("java_binary", "java_import", "java_library", "java_plugin", "java_test", "java_runtime",
-               "java_toolchain", "java_package_configuration", "java_proto_library",
-               "java_lite_proto_library")
-_SUMMARY = re.compile(r"INFO: \d+ process(?:es)?: (.*)\.")
-
-
-def _stub(root: Path, name: str, sub: str, rules: tuple[str, ...]) -> Path:
-    """A local @rules_cc / @rules_java re-exporting the native rules (Bazel 4 offline)."""
-    repo = root / name
-    (repo / sub).mkdir(parents=True)
-    (repo / "BUILD").write_text("")
-    (repo / "WORKSPACE").write_text(f'workspace(name = "{name}")\n')
-    (repo / sub / "BUILD").write_text('exports_files(["defs.bzl"])\n')
-    (repo / sub / "defs.bzl").write_text("".join(f"def {r}(**kw): native.{r}(**kw)\n" for r in rules))
-    return repo
-
-
-def _workspace(root: Path, units: int) -> Path:
-    """``units`` C libraries, each with a generated header, linked into one binary."""
-    ws = root / "ws"
-    ws.mkdir(parents=True)
-    cc = _stub(root / "stubs", "rules_cc", "cc", _CC_RULES)
-    java = _stub(root / "stubs", "rules_java", "java", _JAVA_RULES)
-    (ws / "WORKSPACE").write_text("")
-    build = []
-    for i in range(units):
-        build.append(f'genrule(name = "gen{i}", outs = ["gen{i}.h"], '
-                     f'cmd = "echo \'#define K{i} {i}\' > $@")\n'
-                     f'cc_library(name = "u{i}", srcs = ["u{i}.c"], hdrs = ["gen{i}.h"])\n')
-        body = "\n".join(f"static int f{i}_{j}(int x) {{ return x * {j} + K{i}; }}" for j in range(40))
-        calls = " + ".join(f"f{i}_{j}(x)" for j in range(40))
-        (ws / f"u{i}.c").write_text(f'#include "gen{i}.h"\n{body}\nint u{i}(int x) {{ return {calls}; }}\n')
-    decls = "".join(f"int u{i}(int);\n" for i in range(units))
-    total = " + ".join(f"u{i}(1)" for i in range(units))
-    (ws / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{ printf("%d\\n", {total}); }}\n')
-    deps = ", ".join(f'":u{i}"' for i in range(units))
-    build.append(f'cc_binary(name = "app", srcs = ["main.c"], deps = [{deps}])\n')
-    (ws / "BUILD").write_text("".join(build))
-    (ws / ".bazelrc").write_text(
-        f"startup --output_user_root={root / 'bazel-root'}\nstartup --max_idle_secs=600\n"
-        f"build --override_repository=rules_cc={cc}\nbuild --override_repository=rules_java={java}\n"
-        "build --spawn_strategy=processwrapper-sandbox\nbuild --color=no --curses=no\n"
-    )
-    return ws
-
-
-def _bazel(bazel: str, ws: Path, *args: str) -> str:
-    done = subprocess.run([bazel, "--nohome_rc", *args], cwd=ws, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HOME": str(ws.parent / "home")})
-    if done.returncode != 0:
-        raise RuntimeError(f"bazel {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stderr
-
-
-def _clean_build(bazel: str, ws: Path, cache: str, *, expect: str, forbid: str = "") -> float:
-    """Seconds of ``bazel build`` after ``bazel clean``; checks where the actions ran."""
-    _bazel(bazel, ws, "clean")
-    start = time.perf_counter()
-    out = _bazel(bazel, ws, "build", "//:app", f"--remote_cache=grpc://{cache}")
-    elapsed = time.perf_counter() - start
-    match = _SUMMARY.search(out)
-    if match is None or expect not in match.group(1) or (forbid and forbid in match.group(1)):
-        raise RuntimeError(f"expected {expect!r} (and no {forbid!r}) in Bazel's summary, got: "
-                           f"{match and match.group(0)}")
-    return elapsed
 
 
 @workload("grpc.bazel", help="a Bazel clean rebuild from the gRPC remote cache, the node vs BuildGrid")
@@ -452,15 +377,20 @@ def bazel_build(b: Bench) -> None:
             return
         door, buildgrid = servers
         root = b.tmpdir / "grpc-bazel"
-        ws = _workspace(root, 8 if b.quick else 24)
+        ws = workspace(root, 8 if b.quick else 24)
         (root / "home").mkdir()
         try:
             for cache in (door, buildgrid):  # fill each cache: every action runs once, locally
-                _clean_build(bazel, ws, cache, expect="processwrapper-sandbox", forbid="remote cache hit")
+                clean_build(bazel, ws, f"--remote_cache=grpc://{cache}", expect="processwrapper-sandbox",
+                             forbid="remote cache hit")
             hits = {"expect": "remote cache hit", "forbid": "processwrapper-sandbox"}
+
+            def from_cache(address: str) -> float:
+                return clean_build(bazel, ws, f"--remote_cache=grpc://{address}", **hits)
+
             b.compare("clean build, every action a remote cache hit", "s",
-                      subject=lambda: _clean_build(bazel, ws, door, **hits),
-                      baseline=("BuildGrid 0.4.4", lambda: _clean_build(bazel, ws, buildgrid, **hits)),
+                      subject=lambda: from_cache(door),
+                      baseline=("BuildGrid 0.4.4", lambda: from_cache(buildgrid)),
                       better="lower",
                       note="bazel 4 (Debian's bazel-bootstrap), one C library per unit, a warm Bazel server")
         finally:

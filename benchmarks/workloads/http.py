@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import trio
 
@@ -36,16 +33,11 @@ import triode
 from triode.model.digest import Digest
 
 from ..harness import Bench, at_least, at_most, run_concurrently, workload
+from .bazel_build import clean_build, free_port, workspace
 
 MiB = 1024 * 1024
 #: Connections (each with one request in flight) of ``http.small_gets``.
 CONNECTIONS = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Client:
@@ -149,7 +141,7 @@ def small_gets(b: Bench) -> None:
     count = 5_000 if b.quick else 20_000
     blobs = [os.urandom(1024) for _ in range(2_000)]
     digests = [Digest.of(x) for x in blobs]
-    http = f"127.0.0.1:{_free_port()}"
+    http = f"127.0.0.1:{free_port()}"
 
     async def upload(address: str) -> None:
         async with triode.connect(address) as client:
@@ -203,7 +195,7 @@ def _triode_put_get(address: str, data: bytes) -> float:
 def blobs(b: Bench) -> None:
     size = (32 if b.quick else 256) * MiB
     data = os.urandom(size)
-    http = f"127.0.0.1:{_free_port()}"
+    http = f"127.0.0.1:{free_port()}"
     with b.spawn_node("--http", http) as address:
         b.compare(f"{size // MiB} MiB PUT+GET", "MB/s",
                   subject=lambda: _http_put_get(http, data),
@@ -213,75 +205,8 @@ def blobs(b: Bench) -> None:
 
 # -- Bazel -------------------------------------------------------------------------------------
 
-_CC_RULES = ("cc_binary", "cc_library", "cc_test", "cc_import", "cc_proto_library", "cc_toolchain",
-             "cc_toolchain_suite", "fdo_profile", "fdo_prefetch_hints", "objc_library", "objc_import")
-_JAVA_RULES = ("java_binary", "java_import", "java_library", "java_plugin", "java_test", "java_runtime",
-               "java_toolchain", "java_package_configuration", "java_proto_library",
-               "java_lite_proto_library")
 
 
-def _stub(root: Path, name: str, sub: str, rules: tuple[str, ...]) -> Path:
-    """A local @rules_cc / @rules_java re-exporting the native rules (Bazel 4 offline)."""
-    repo = root / name
-    (repo / sub).mkdir(parents=True)
-    (repo / "BUILD").write_text("")
-    (repo / "WORKSPACE").write_text(f'workspace(name = "{name}")\n')
-    (repo / sub / "BUILD").write_text('exports_files(["defs.bzl"])\n')
-    (repo / sub / "defs.bzl").write_text("".join(f"def {r}(**kw): native.{r}(**kw)\n" for r in rules))
-    return repo
-
-
-def _workspace(root: Path, units: int) -> Path:
-    """``units`` C libraries (each with a generated header) linked into one binary."""
-    ws = root / "ws"
-    ws.mkdir(parents=True)
-    cc = _stub(root / "stubs", "rules_cc", "cc", _CC_RULES)
-    java = _stub(root / "stubs", "rules_java", "java", _JAVA_RULES)
-    (ws / "WORKSPACE").write_text("")
-    build = []
-    for i in range(units):
-        build.append(f'genrule(name = "gen{i}", outs = ["gen{i}.h"], '
-                     f'cmd = "echo \'#define K{i} {i}\' > $@")\n'
-                     f'cc_library(name = "u{i}", srcs = ["u{i}.c"], hdrs = ["gen{i}.h"])\n')
-        body = "\n".join(f"static int f{i}_{j}(int x) {{ return x * {j} + K{i}; }}" for j in range(40))
-        calls = " + ".join(f"f{i}_{j}(x)" for j in range(40))
-        (ws / f"u{i}.c").write_text(f'#include "gen{i}.h"\n{body}\nint u{i}(int x) {{ return {calls}; }}\n')
-    decls = "".join(f"int u{i}(int);\n" for i in range(units))
-    total = " + ".join(f"u{i}(1)" for i in range(units))
-    main = f'#include <stdio.h>\n{decls}int main(void) {{ printf("%d\\n", {total}); }}\n'
-    (ws / "main.c").write_text(main)
-    deps = ", ".join(f'":u{i}"' for i in range(units))
-    build.append(f'cc_binary(name = "app", srcs = ["main.c"], deps = [{deps}])\n')
-    (ws / "BUILD").write_text("".join(build))
-    (ws / ".bazelrc").write_text(
-        f"startup --output_user_root={root / 'bazel-root'}\nstartup --max_idle_secs=600\n"
-        f"build --override_repository=rules_cc={cc}\nbuild --override_repository=rules_java={java}\n"
-        "build --spawn_strategy=processwrapper-sandbox\nbuild --color=no --curses=no\n"
-    )
-    return ws
-
-
-_SUMMARY = re.compile(r"INFO: \d+ process(?:es)?: (.*)\.")
-
-
-def _bazel(bazel: str, ws: Path, *args: str) -> str:
-    done = subprocess.run([bazel, "--nohome_rc", *args], cwd=ws, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HOME": str(ws.parent / "home")})
-    if done.returncode != 0:
-        raise RuntimeError(f"bazel {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stderr
-
-
-def _clean_build(bazel: str, ws: Path, *flags: str, expect: str) -> float:
-    """Seconds of ``bazel build`` after ``bazel clean``; checks where the actions ran."""
-    _bazel(bazel, ws, "clean")
-    start = time.perf_counter()
-    out = _bazel(bazel, ws, "build", "//:app", *flags)
-    elapsed = time.perf_counter() - start
-    match = _SUMMARY.search(out)
-    if match is None or expect not in match.group(1):
-        raise RuntimeError(f"expected {expect!r} in Bazel's summary, got: {match and match.group(0)}")
-    return elapsed
 
 
 @workload("http.bazel", help="a Bazel clean rebuild from the HTTP cache vs the same build, no remote cache")
@@ -291,17 +216,17 @@ def bazel_build(b: Bench) -> None:
         b.progress("  http.bazel: skipped: bazel is not installed (apt-get install bazel-bootstrap)")
         return
     root = b.tmpdir / "http-bazel"
-    ws = _workspace(root, 8 if b.quick else 24)
+    ws = workspace(root, 8 if b.quick else 24)
     (root / "home").mkdir()
-    http = f"127.0.0.1:{_free_port()}"
+    http = f"127.0.0.1:{free_port()}"
     try:
         with b.spawn_node("--http", http):
             cache = f"--remote_cache=http://{http}"
-            _clean_build(bazel, ws, cache, expect="processwrapper-sandbox")  # fills the cache
+            clean_build(bazel, ws, cache, expect="processwrapper-sandbox")  # fills the cache
             b.compare("clean build, every action a remote cache hit", "s",
-                      subject=lambda: _clean_build(bazel, ws, cache, expect="remote cache hit"),
+                      subject=lambda: clean_build(bazel, ws, cache, expect="remote cache hit"),
                       baseline=("the same build, no remote cache",
-                                lambda: _clean_build(bazel, ws, expect="processwrapper-sandbox")),
+                                lambda: clean_build(bazel, ws, expect="processwrapper-sandbox")),
                       better="lower", target=at_most(1.0),
                       note="bazel 4 (Debian's bazel-bootstrap), one C library per unit, a warm Bazel server")
     finally:
