@@ -77,11 +77,14 @@ async def open_node(config: NodeConfig | None = None, **options: Any) -> AsyncIt
                         raised = exc
                     else:
                         accept_scope.cancel()
-                        if door is not None:
-                            await door.drain(config.shutdown_grace)
-                        if grpc_door is not None:
-                            await grpc_door.drain(config.shutdown_grace)
-                        await node._drain()
+                        # Every door drains at once, each bounded by the grace: a shutdown
+                        # takes at most one grace period, not one per door.
+                        async with trio.open_nursery() as draining:
+                            if door is not None:
+                                draining.start_soon(door.drain, config.shutdown_grace)
+                            if grpc_door is not None:
+                                draining.start_soon(grpc_door.drain, config.shutdown_grace)
+                            draining.start_soon(node._drain)
                     serving.cancel_scope.cancel()
         except BaseException as exc:
             raised = exc
