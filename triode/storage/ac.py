@@ -158,18 +158,7 @@ class ActionCache:
         log = self._log
         records = [(entry_key(key), raw) for key, raw in entries]
         async with self._writing:
-            while True:
-                loaded = log.pin()
-                try:
-                    written = await trio.to_thread.run_sync(log.append, loaded, records)
-                    break
-                except Replaced:
-                    log.swap(await trio.to_thread.run_sync(log.reload))
-                finally:
-                    log.unpin(loaded)
-            log.applied(loaded, *written)
-            if log.over_limits():
-                log.swap(await trio.to_thread.run_sync(log.compact, log.use_order()))
+            if await log.write(records):
                 self.counters["compactions"] += 1
 
     async def get(self, action_digest: Digest) -> ActionResult | None:

@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
+
 from ..model.digest import Digest
 from .disk import fsync_dir
 
@@ -279,6 +281,25 @@ class EntryLog:
         old, self.current = self.current, loaded
         if not old.pins:
             os.close(old.fd)
+
+    async def write(self, records: list[tuple[bytes, bytes]]) -> bool:
+        """Append ``records`` in one thread hop, again over a reloaded log if another process
+        replaced it meanwhile, then compact when past the limits. Call it holding the
+        caller's write lock; returns whether it compacted."""
+        while True:
+            loaded = self.pin()
+            try:
+                written = await trio.to_thread.run_sync(self.append, loaded, records)
+                break
+            except Replaced:
+                self.swap(await trio.to_thread.run_sync(self.reload))
+            finally:
+                self.unpin(loaded)
+        self.applied(loaded, *written)
+        if not self.over_limits():
+            return False
+        self.swap(await trio.to_thread.run_sync(self.compact, self.use_order()))
+        return True
 
     def over_limits(self) -> bool:
         return self.current.records > self.max_entries or self.current.scanned > self.max_bytes

@@ -213,16 +213,5 @@ class KeyValueStore:
         """Append in one thread hop (called holding ``_writing``); compact past the limits."""
         log = self._log
         assert log is not None
-        while True:
-            loaded = log.pin()
-            try:
-                written = await trio.to_thread.run_sync(log.append, loaded, records)
-                break
-            except Replaced:
-                log.swap(await trio.to_thread.run_sync(log.reload))
-            finally:
-                log.unpin(loaded)
-        log.applied(loaded, *written)
-        if log.over_limits():
-            log.swap(await trio.to_thread.run_sync(log.compact, log.use_order()))
+        if await log.write(records):
             self.counters["compactions"] += 1
