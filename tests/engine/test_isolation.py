@@ -133,7 +133,7 @@ def procs_with(text: str) -> list[int]:
 
 
 def stored_path(data: Path, digest: Digest) -> Path:
-    return data / "cas" / digest.hash[:2] / digest.hash[2:4] / digest.hash
+    return data / "cas" / digest.hash[:2] / digest.hash
 
 
 async def engine_info(client: triode.Client) -> dict:  # type: ignore[type-arg]

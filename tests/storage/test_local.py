@@ -226,7 +226,7 @@ async def test_disk_layout_read_only_and_hard_linkable(tmp_path) -> None:
     store = DiskCAS(tmp_path)
     digest = await store.put(b"payload")
     path = store.path_of(digest)
-    assert path == tmp_path / "cas" / digest.hash[:2] / digest.hash[2:4] / digest.hash
+    assert path == tmp_path / "cas" / digest.hash[:2] / digest.hash
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
     os.link(path, tmp_path / "linked")
     assert (tmp_path / "linked").read_bytes() == b"payload"

@@ -26,7 +26,7 @@ INTACT = b"left alone\n"
 
 
 def stored(data: Path, digest: Digest) -> Path:
-    return data / "cas" / digest.hash[:2] / digest.hash[2:4] / digest.hash
+    return data / "cas" / digest.hash[:2] / digest.hash
 
 
 def damage(data: Path, digest: Digest) -> None:

@@ -440,11 +440,11 @@ class HttpCache:
         if h == EMPTY.hash:
             return EMPTY
         if isinstance(self.cas, DiskCAS):
-            # One stat of the file the disk store keeps the blob in (cas/ab/cd/HASH); the
-            # read that follows checks it again.
+            # One stat of the file the disk store keeps the blob in; the read that
+            # follows checks it again.
             await trio.lowlevel.checkpoint()
             try:
-                size = os.stat(f"{self.cas.blob_dir}/{h[:2]}/{h[2:4]}/{h}").st_size
+                size = os.stat(self.cas.blob_file(h)).st_size
             except FileNotFoundError:
                 size = None
             if size is not None:

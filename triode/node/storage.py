@@ -293,12 +293,21 @@ def register(router: Router, cas: CAS, ac: ActionCache, part: StoragePart) -> No
             raise TooLarge(f"cas.batch_update of {total} bytes is over {BATCH_BYTES}; upload large blobs "
                            "with cas.put or split the batch", size=total, limit=BATCH_BYTES)
         errors = []
+        valid: list[tuple[Digest, bytes]] = []
+        wire_of: dict[Digest, Any] = {}
         for wire_digest, data in blobs:
             try:
                 digest = Digest.from_wire(wire_digest)
-                await cas.put(data, digest)
             except TriodeError as exc:
                 errors.append([wire_digest, exc.code, exc.message])
+                continue
+            valid.append((digest, data))
+            wire_of[digest] = wire_digest
+        for digest, error in (await cas.batch_update(valid)).items():
+            if isinstance(error, TriodeError):
+                errors.append([wire_of[digest], error.code, error.message])
+            elif error is not None:
+                raise error
         return {"errors": errors}
 
     async def upload_status(call: IncomingCall) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A file per entry cost a new inode per action run, and on ext4 without a journal
 (what our machines have) creating inodes after many deletes cost up to a millisecond
 of CPU each: the cache write was the dearest part of a trivial action. The log makes
-a write one ``write`` and one ``fdatasync`` per batch, a hit one ``pread``, and a miss
+a write one ``write`` and one sync per batch (a ``syncfs``, so that the blobs an entry
+names are durable before it is: see triode/storage/disk.py), a hit one ``pread``, and a miss
 no system call beyond an ``fstat`` (to notice what other processes appended).
 
 Layout of the directory::
@@ -48,7 +49,7 @@ from pathlib import Path
 import trio
 
 from ..model.digest import Digest
-from .disk import fsync_dir
+from .disk import fsync_dir, sync_filesystem
 
 __all__ = ["EntryLog", "Loaded", "Replaced", "entry_key", "MAX_VALUE"]
 
@@ -350,7 +351,7 @@ class EntryLog:
         try:
             while view:
                 view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+            sync_filesystem(fd)  # the blobs written before this entry first (docs/design.md)
         except BaseException:
             os.ftruncate(fd, start)  # no half record left for the next append to follow
             raise

@@ -303,7 +303,11 @@ class CAS(ABC):
 
     @abstractmethod
     async def _missing_local(self, digests: list[Digest]) -> list[Digest]:
-        """Which of ``digests`` (non-empty, distinct) this tier lacks; the others count as used."""
+        """Which of ``digests`` (non-empty, distinct) this tier lacks; the others count as used.
+
+        Current when it returns: no checkpoint after the answer is made, so a caller that
+        finds a blob missing and registers its write before its next checkpoint is the
+        only writer (see ``_put_local``)."""
 
     @abstractmethod
     def _read_local(self, digest: Digest, offset: int) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
@@ -478,6 +482,18 @@ class CAS(ABC):
         with at most that many batches held in memory.
         """
         digest = writer.digest
+        if digest.size - writer.offset <= INLINE_LIMIT:
+            # A small blob in one batch, in this task: two tasks and a channel would cost
+            # more than its write (a per-blob upload is Bazel's most common call).
+            small: list[bytes | memoryview] = []
+            total = writer.offset
+            async for chunk in chunks:
+                total += len(chunk)
+                _check_length(total, digest)
+                small.append(chunk)
+            if total > writer.offset:
+                await writer.write(small)
+            return
         send, receive = trio.open_memory_channel[list[bytes | memoryview]](WRITE_AHEAD)
 
         async def gather() -> None:
@@ -490,11 +506,7 @@ class CAS(ABC):
                     if not n:
                         continue
                     total += n
-                    if total > digest.size:
-                        raise DigestMismatch(
-                            f"upload is longer than the {digest.size} bytes of {digest}",
-                            expected=str(digest),
-                        )
+                    _check_length(total, digest)
                     batch.append(chunk)
                     batched += n
                     if batched >= WRITE_BATCH:
@@ -607,23 +619,87 @@ class CAS(ABC):
     async def batch_update(self, blobs: Iterable[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
         """Many small blobs at once; each digest to None (stored) or the error it got.
 
-        Stored concurrently (at most :data:`BATCH_FETCHES` at a time): each blob is
-        fsynced on its own, and the filesystem commits concurrent fsyncs together.
+        Without a backing tier the blobs this tier lacks are looked up together and
+        written together (:meth:`_put_many_local`: a disk store commits them in one
+        round); a blob another upload is writing, or any blob with a backing tier, goes
+        through :meth:`put` (at most :data:`BATCH_FETCHES` at a time).
         """
+        out: dict[Digest, Exception | None] = {}
+        fresh: dict[Digest, bytes] = {}
+        for digest, data in blobs:
+            out[digest] = None  # keeps the caller's order
+            try:
+                self.check_size(digest)
+                if len(data) != digest.size:
+                    raise DigestMismatch(f"blob {digest}: {len(data)} bytes were sent, not {digest.size}",
+                                         expected=str(digest), received=len(data))
+            except TriodeError as exc:
+                out[digest] = exc
+                continue
+            if digest.size:
+                fresh[digest] = data
+        one_by_one: list[tuple[Digest, bytes]] = []
+        if fresh and self.backing is None:
+            missing = await self._missing_local(list(fresh))
+            self.counters["puts_present"] += len(fresh) - len(missing)
+            mine = [(d, fresh[d]) for d in missing if d not in self._writing]
+            one_by_one = [(d, fresh[d]) for d in missing if d in self._writing]
+            if mine:
+                out.update(await self._put_many_writing(mine))
+        else:
+            one_by_one = list(fresh.items())
+        if one_by_one:
+            limiter = trio.CapacityLimiter(BATCH_FETCHES)
+
+            async def one(digest: Digest, data: bytes) -> None:
+                async with limiter:
+                    try:
+                        await self.put(data, digest)
+                    except TriodeError as exc:
+                        out[digest] = exc
+
+            async with trio.open_nursery() as nursery:
+                for digest, data in one_by_one:
+                    nursery.start_soon(one, digest, data)
+        return out
+
+    async def _put_many_writing(self, blobs: list[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
+        """:meth:`_put_many_local`, with concurrent puts of these blobs waiting for it."""
+        events = {digest: trio.Event() for digest, _ in blobs}
+        self._writing.update(events)
+        try:
+            return await self._put_many_local(blobs)
+        finally:
+            for digest, event in events.items():
+                del self._writing[digest]
+                event.set()
+
+    async def _put_many_local(self, blobs: list[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
+        """Store blobs this tier lacks (distinct, non-empty, sized right); each to None or its
+        error. Stores override it to write them together; this writes them concurrently."""
         out: dict[Digest, Exception | None] = {}
         limiter = trio.CapacityLimiter(BATCH_FETCHES)
 
         async def one(digest: Digest, data: bytes) -> None:
             async with limiter:
                 try:
-                    await self.put(data, digest)
+                    writer = self._new_writer(digest)
+                except TriodeError as exc:
+                    out[digest] = exc
+                    return
+                try:
+                    await self._fill(writer, bytes_chunks(data))
+                    await writer.commit()
+                    self.counters["puts"] += 1
+                    self.counters["bytes_written"] += digest.size
                     out[digest] = None
                 except TriodeError as exc:
                     out[digest] = exc
+                finally:
+                    writer.discard()
 
         async with trio.open_nursery() as nursery:
             for digest, data in blobs:
-                out[digest] = None  # keeps the caller's order
                 nursery.start_soon(one, digest, data)
         return out
 
@@ -640,6 +716,12 @@ class CAS(ABC):
     async def aclose(self) -> None:
         """Drop partial uploads (their temp files go with them)."""
         self.uploads.clear()
+
+
+def _check_length(total: int, digest: Digest) -> None:
+    if total > digest.size:
+        raise DigestMismatch(f"upload is longer than the {digest.size} bytes of {digest}",
+                             expected=str(digest))
 
 
 async def _expect_no_bytes(chunks: AsyncIterable[bytes | memoryview]) -> None:

@@ -1,10 +1,27 @@
-"""The disk CAS: one read-only file per blob under ``cas/ab/cd/HASH``, raw bytes.
+"""The disk CAS: one read-only file per blob under ``cas/ab/HASH``, raw bytes.
 
 Raw at rest so the engine can hard-link inputs into work directories. A blob is
 written to a temp file in ``tmp/`` (same filesystem), hashed and counted as it is
-written, fsynced, made read-only and renamed into place, and the directory is
-fsynced: a crash leaves either the whole blob under its name or nothing (plus a
-temp file, swept when a store opens the directory again).
+written, made read-only and renamed into place: a node that crashes or is killed
+leaves either the whole blob under its name or nothing (plus a temp file, swept when
+a store opens the directory again).
+
+A blob is not fsynced before it is acknowledged (see "What a power cut can lose" in
+docs/design.md): a per-blob fsync cost two journal commits, more than ten times the
+rest of a small write, and a cache can afford to lose its last writes to a power cut
+as long as it never serves a wrong byte and never keeps a result whose blobs it lost.
+So: the action cache makes an entry durable with :func:`sync_filesystem` (``syncfs``
+of the data dir's filesystem), which first makes every blob written before it durable;
+a blob cut short by the crash has the wrong size (ext4 and XFS record a file's size
+only as its data reaches the disk), and a blob of the wrong size is absent to every
+lookup and read here, so it is uploaded again; and a clean close syncs the store.
+
+The 256 ``cas/ab`` directories are made when the store opens, so a write never makes a
+directory: with two levels (``cas/ab/cd``, 65,536 directories, the first layout) most
+blobs of a young store paid a mkdir and a directory fsync. A store in that layout is
+moved to this one when it opens (a rename per blob, once). bazel-remote and BuildGrid
+lay their disk stores out the same way; ext4's hashed directories keep lookups fast with
+hundreds of thousands of entries in each.
 
 The store keeps its own record of use (an LRU index of hash to size, in memory,
 saved on close and rebuilt by a stat-level :meth:`DiskCAS.scan`) for eviction; the
@@ -38,11 +55,13 @@ import trio
 
 from ..chunks import INLINE_LIMIT, READ_CHUNK
 from ..concurrency import single_error
-from ..errors import BlobNotFound, ResourceExhausted, TooLarge
+from ..errors import BlobNotFound, DigestMismatch, ResourceExhausted, TooLarge, TriodeError
 from ..model.digest import EMPTY, Digest, Hasher
 from .cas import CAS, VERIFY_BATCH, VERIFY_FILES, Lease, Pins, VerifyReport, Writer
 
-__all__ = ["DiskCAS", "Lease", "sweep_temp", "atomic_write", "atomic_write_many", "fsync_dir"]
+__all__ = [
+    "DiskCAS", "Lease", "sweep_temp", "atomic_write", "atomic_write_many", "fsync_dir", "sync_filesystem",
+]
 
 #: A temp file whose writer is gone for this long is swept even if its pid was reused.
 TEMP_MAX_AGE = 24 * 3600.0
@@ -84,23 +103,39 @@ def sweep_temp(tmp_dir: Path) -> int:
     return removed
 
 
-def _load_sync_file_range() -> Any:
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """A libc function by name (Linux only), or None where there is none."""
+    if sys.platform != "linux":
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.argtypes = argtypes
     return fn
 
 
-_sync_file_range = _load_sync_file_range() if sys.platform == "linux" else None
+_sync_file_range = _libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2
+_syncfs = _libc_function("syncfs", ctypes.c_int)
+
+
+def sync_filesystem(fd: int) -> None:
+    """Make everything written to ``fd``'s filesystem durable, this file's data among it:
+    the barrier that keeps action-cache entries from outliving their blobs."""
+    if _syncfs is None:
+        os.sync()
+        return
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing these bytes out now (without waiting), so the fsync
-    at the end of a large upload has little left to do. Best effort: Linux only."""
+    """Ask the kernel to start writing these bytes out now (without waiting), so that a
+    large upload leaves little dirty data for the next sync. Best effort: Linux only."""
     if _sync_file_range is not None and length >= 1024 * 1024:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
@@ -123,6 +158,25 @@ def _ensure_dir(path: Path) -> None:
     except FileExistsError:
         return
     fsync_dir(path.parent)
+
+
+def _flatten_shard(shard: Path) -> int:
+    """Move blobs of the two-level layout (``cas/ab/cd/HASH``) up into ``shard``; how many."""
+    moved = 0
+    for mid in os.scandir(shard):
+        if not (len(mid.name) == 2 and mid.is_dir(follow_symlinks=False)):
+            continue
+        for entry in os.scandir(mid.path):
+            if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
+                os.replace(entry.path, shard / entry.name)
+                moved += 1
+        try:
+            os.rmdir(mid.path)
+        except OSError:  # something else is in there: left for a person to look at
+            log.warning("%s is not empty after moving its blobs up; left in place", mid.path)
+    if moved:
+        fsync_dir(shard)
+    return moved
 
 
 def _os_error(exc: OSError, what: str) -> Exception:
@@ -189,6 +243,7 @@ class DiskCAS(CAS):
         _ensure_dir(self.tmp_dir)
         for private in (self.blob_dir, self.tmp_dir):  # see the module docstring
             os.chmod(private, 0o700)
+        self._make_shards()
         self.limit = limit
         if limit is not None:
             self.max_blob_size = min(self.max_blob_size, limit)
@@ -214,10 +269,28 @@ class DiskCAS(CAS):
     # -- layout ----------------------------------------------------------------------------
 
     def _path(self, h: str) -> Path:
-        return self.blob_dir / h[:2] / h[2:4] / h
+        return self.blob_dir / h[:2] / h
 
     def _str_path(self, h: str) -> str:
-        return f"{self._blob_root}/{h[:2]}/{h[2:4]}/{h}"  # pathlib costs more than the stat
+        return f"{self._blob_root}/{h[:2]}/{h}"  # pathlib costs more than the stat
+
+    def blob_file(self, h: str) -> str:
+        """Where the blob of hash ``h`` is (or would be) stored; for a stat, not for writing."""
+        return self._str_path(h)
+
+    def _make_shards(self) -> None:
+        """Make the 256 ``cas/ab`` directories (and move an older two-level store into them)."""
+        made = False
+        for i in range(256):
+            shard = self.blob_dir / f"{i:02x}"
+            if not shard.is_dir():
+                os.mkdir(shard)
+                made = True
+            moved = _flatten_shard(shard)
+            if moved:
+                log.info("store %s: moved %d blobs of %s to the one-level layout", self.root, moved, shard)
+        if made:
+            fsync_dir(self.blob_dir)
 
     @property
     def size(self) -> int:
@@ -244,11 +317,15 @@ class DiskCAS(CAS):
 
     def _seen(self, h: str, size: int) -> None:
         index = self._index
-        if h in index:
+        known = index.get(h)
+        if known == size:
             index.move_to_end(h)
-        else:
-            index[h] = size
-            self._bytes += size
+            return
+        if known is not None:  # a file cut short by a crash, since stored again
+            self._bytes -= known
+            index.move_to_end(h)
+        index[h] = size
+        self._bytes += size
 
     # -- the primitives --------------------------------------------------------------------
 
@@ -268,21 +345,22 @@ class DiskCAS(CAS):
         # index does not know is missing (at worst a blob another process put in our
         # data dir is uploaded again, harmlessly: reads always go to the disk).
         index = self._index
-        unknown = [d for d in digests if index.get(d.hash) != d.size]
-        if self.scanned:
-            present = [False] * len(unknown)
-            await trio.lowlevel.checkpoint()
-        elif len(unknown) <= 16:
-            present = self._present_sync(unknown)
-            await trio.lowlevel.checkpoint()
+        on_disk: set[Digest] = set()
+        unknown = [] if self.scanned else [d for d in digests if index.get(d.hash) != d.size]
+        if len(unknown) > 16:
+            found = await trio.to_thread.run_sync(self._present_sync, unknown)
+            on_disk = {d for d, here in zip(unknown, found, strict=True) if here}
         else:
-            present = await trio.to_thread.run_sync(self._present_sync, unknown)
-        absent = {d for d, here in zip(unknown, present, strict=True) if not here}
+            await trio.lowlevel.checkpoint()
+            if unknown:
+                on_disk = {d for d, here in zip(unknown, self._present_sync(unknown), strict=True) if here}
+        # Nothing yields from here on, so the answer is current when the caller gets it
+        # (a blob stored during the hop above is in the index by now).
         missing = []
         evicting = self._evicting
         seen = self._seen
         for d in digests:
-            if d in absent or d.hash in evicting:
+            if d.hash in evicting or (index.get(d.hash) != d.size and d not in on_disk):
                 missing.append(d)
             else:
                 seen(d.hash, d.size)
@@ -330,6 +408,56 @@ class DiskCAS(CAS):
         finally:
             self._pins.unpin(digest.hash)
             os.close(fd)
+
+    async def _put_many_local(self, blobs: list[tuple[Digest, bytes]]) -> dict[Digest, Exception | None]:
+        # One thread hop verifies, writes and renames the lot: a thread hop and two
+        # tasks per blob cost more than the blob's own system calls.
+        out: dict[Digest, Exception | None] = {}
+        reserved: list[tuple[Digest, bytes]] = []
+        for digest, data in blobs:
+            try:
+                self._reserve(digest.size)
+            except TriodeError as exc:
+                out[digest] = exc
+                continue
+            reserved.append((digest, data))
+        try:
+            errors = await trio.to_thread.run_sync(self._store_many_sync, reserved)
+        finally:
+            self._reserved -= sum(d.size for d, _ in reserved)
+        for (digest, _), error in zip(reserved, errors, strict=True):
+            out[digest] = error
+            if error is None:
+                self._seen(digest.hash, digest.size)
+                self.counters["puts"] += 1
+                self.counters["bytes_written"] += digest.size
+        return out
+
+    def _store_many_sync(self, blobs: list[tuple[Digest, bytes]]) -> list[Exception | None]:
+        """Each blob verified, written to a temp file and renamed into place (a worker thread)."""
+        out: list[Exception | None] = []
+        for digest, data in blobs:
+            hasher = Hasher()
+            hasher.update(data)
+            try:
+                hasher.verify(digest)
+            except DigestMismatch as exc:
+                out.append(exc)
+                continue
+            try:
+                writer = _DiskWriter(self, digest)
+            except OSError as exc:
+                out.append(_os_error(exc, f"cannot start writing {digest}"))
+                continue
+            try:
+                writer._write_sync([data], 0)
+                writer._store_sync()
+            except OSError as exc:
+                writer._drop_file()
+                out.append(_os_error(exc, f"cannot store {digest}"))
+                continue
+            out.append(None)
+        return out
 
     def _new_writer(self, digest: Digest) -> Writer:
         self._reserve(digest.size)
@@ -404,17 +532,14 @@ class DiskCAS(CAS):
 
     @staticmethod
     def _list_blobs(top: str) -> list[tuple[str, int]]:
-        """(hash, size) of every blob file under one ``cas/xx`` dir."""
+        """(hash, size) of every blob file in one ``cas/xx`` dir."""
         found = []
-        for mid in os.scandir(top):
-            if not mid.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(mid.path):
-                if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
-                    try:
-                        found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
-                    except FileNotFoundError:
-                        continue
+        for entry in os.scandir(top):
+            if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
+                try:
+                    found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+                except FileNotFoundError:
+                    continue
         return found
 
     def _sizes(self, hashes: list[str]) -> list[int | None]:
@@ -593,10 +718,8 @@ class DiskCAS(CAS):
         for top in os.scandir(self.blob_dir):
             if not top.is_dir(follow_symlinks=False):
                 continue
-            for mid in os.scandir(top.path):
-                if not mid.is_dir(follow_symlinks=False):
-                    continue
-                for entry in os.scandir(mid.path):
+            for entry in os.scandir(top.path):
+                if len(entry.name) == 64 and entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
                     found[entry.name] = (st.st_size, st.st_mtime)
         return found
@@ -644,7 +767,15 @@ class DiskCAS(CAS):
 
     async def aclose(self) -> None:
         await super().aclose()
-        await trio.to_thread.run_sync(self.save_index)
+        await trio.to_thread.run_sync(self._close_sync)
+
+    def _close_sync(self) -> None:
+        self.save_index()
+        fd = os.open(self.blob_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sync_filesystem(fd)  # a clean stop leaves every acknowledged blob durable
+        finally:
+            os.close(fd)
 
 
 def _hash_some(fd: int, hasher: Hasher, n: int) -> int:
@@ -717,23 +848,28 @@ class _DiskWriter(Writer):
             raise _os_error(exc, f"cannot write {self.digest}") from None
         _start_writeback(fd, start, written)
 
-    def _commit_sync(self) -> None:
+    def _store_sync(self) -> None:
+        """Close the temp file read-only and rename it into place."""
         fd = self._fd
         assert fd is not None
         try:
-            os.fsync(fd)
             os.fchmod(fd, 0o444)
         finally:
             self._fd = None
             os.close(fd)
-        final = self._cas._path(self.digest.hash)
-        _ensure_dir(final.parent)
-        os.replace(self.tmp, final)
-        fsync_dir(final.parent)
+        final = self._cas._str_path(self.digest.hash)
+        try:
+            os.replace(self.tmp, final)
+        except FileNotFoundError:  # its shard was removed behind the store's back
+            _ensure_dir(Path(final).parent)
+            os.replace(self.tmp, final)
 
     async def _store(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._commit_sync)
+            if self.digest.size <= INLINE_LIMIT:
+                self._store_sync()  # a few microseconds: cheaper than a thread hop
+            else:
+                await trio.to_thread.run_sync(self._store_sync)
         except OSError as exc:
             raise _os_error(exc, f"cannot store {self.digest}") from None
         # No await from here on: once stored, the writer is done.
@@ -743,6 +879,9 @@ class _DiskWriter(Writer):
 
     def _drop(self) -> None:
         self._cas._reserved -= self.digest.size
+        self._drop_file()
+
+    def _drop_file(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
