@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import uuid
 from typing import Any
@@ -17,6 +18,7 @@ import zstandard
 
 import triode
 from triode.model.digest import Digest
+from triode.node import grpc as grpc_door
 from triode.proto import bytestream_pb2 as bs
 from triode.proto import error_details_pb2
 from triode.proto import remote_execution_pb2 as pb
@@ -628,3 +630,36 @@ async def test_ac_writes_executor_refuses_updates(tmp_path: Any) -> None:
                 )
             finally:
                 rpc.close()
+
+
+async def test_gathered_writes_survive_partial_sends() -> None:
+    # More than a socket buffer holds, in pieces of every size: sendmsg takes part of them at
+    # a time and the rest must follow in order.
+    a, b = trio.socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    pieces: list[bytes | bytearray | memoryview] = []
+    for n in range(200):
+        piece = os.urandom((n * 7919) % 150_000 + 1)
+        pieces.append(memoryview(piece)[1:] if n % 3 == 0 else bytearray(piece) if n % 3 == 1 else piece)
+    expected = b"".join(pieces)
+    got = bytearray()
+
+    async def drain() -> None:
+        with b:
+            while len(got) < len(expected):
+                chunk = await b.recv(1 << 20)
+                assert chunk
+                got.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        async with trio.SocketStream(a) as stream:
+            await grpc_door.send_buffers(stream, pieces)
+    assert got == expected
+    # A closed peer is a broken stream, as for send_all.
+    c, d = trio.socket.socketpair()
+    d.close()
+    with pytest.raises(trio.BrokenResourceError):
+        async with trio.SocketStream(c) as stream:
+            for _ in range(100):
+                await grpc_door.send_buffers(stream, [b"x" * 100_000, b"y" * 100_000])

@@ -27,12 +27,15 @@ outside every nursery, so a call could not be a task the node owns and cancels.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
+import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import trio
@@ -57,6 +60,11 @@ RECEIVE_SIZE = 256 * 1024
 STREAM_HIGH = 1024 * 1024
 #: …or while the connection has more than this waiting for the socket.
 SOCKET_HIGH = 4 * 1024 * 1024
+#: The send buffer of a loopback connection (the kernel doubles it; see
+#: :func:`_limit_local_send_buffer`).
+LOCAL_SNDBUF = 256 * 1024
+#: Buffers written by one system call at most (see :func:`send_buffers`).
+GATHER = 64
 #: A new connection must send its first bytes within this many seconds.
 PREFACE_TIMEOUT = 10.0
 #: Bytes of a TLS handshake, at most this many seconds.
@@ -243,15 +251,15 @@ class _Connection:
         proto, stream = self.proto, self.stream
         try:
             while True:
-                data = proto.data_to_send()
-                if not data:
+                buffers = proto.buffers_to_send()
+                if not buffers:
                     self.room.unpark_all()
                     if proto.closed:
                         self._written.set()
                         return
                     await self._writer_lot.park()
                     continue
-                await stream.send_all(data)
+                await send_buffers(stream, buffers)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("gRPC client %s: the connection broke: %r", self.peer, exc)
             self._broken = True
@@ -354,6 +362,29 @@ class _Connection:
             if server.draining and not self.calls:  # the last call of a draining connection
                 self.proto.close()
                 self.wake()
+
+
+async def send_buffers(stream: trio.abc.Stream, buffers: list[bytes | bytearray | memoryview]) -> None:
+    """Write ``buffers`` in order: on a plain socket as gathered writes (``sendmsg``, up to
+    :data:`GATHER` buffers each, none of them joined or copied), otherwise one at a time."""
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+    if sock is None or len(buffers) == 1 or not hasattr(sock, "sendmsg"):
+        for data in buffers:
+            await stream.send_all(data)
+        return
+    views = deque(memoryview(b) for b in buffers)
+    try:
+        while views:
+            sent = await sock.sendmsg(list(islice(views, GATHER)))
+            while sent:
+                head = views[0]
+                if sent < len(head):
+                    views[0] = head[sent:]
+                    break
+                sent -= len(head)
+                views.popleft()
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 class Throttle(Protocol):
@@ -466,6 +497,7 @@ class GrpcServer:
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (TLS first when the server has a certificate) until it ends."""
         peer = _peer_of(stream)
+        _limit_local_send_buffer(stream)
         try:
             if self.ssl_context is not None:
                 tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
@@ -551,6 +583,28 @@ class GrpcServer:
         with trio.move_on_after(grace):
             while self.active:
                 await self._idle.park()
+
+
+def _limit_local_send_buffer(stream: trio.abc.Stream) -> None:
+    """On a loopback connection, a send buffer of :data:`LOCAL_SNDBUF` instead of the kernel's
+    autotuned one (up to ``tcp_wmem``'s 4 MiB).
+
+    Client and node then share the CPUs, and a download that runs megabytes ahead of its
+    reader makes the reader pay for it: the kernel moves those bytes in the reader's
+    context, and the client buffers more than it reads (measured: a grpcio client's system
+    time a third lower, downloads about a fifth faster). Over a network the buffer must
+    cover the bandwidth-delay product, so only loopback connections are limited."""
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        address = ipaddress.ip_address(str(sock.getpeername()[0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_loopback:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SNDBUF)
+    except (OSError, ValueError):
+        pass
 
 
 def _peer_of(stream: trio.abc.Stream) -> str:

@@ -132,6 +132,78 @@ hyperframe.frame.DataFrame._body_repr = _data_repr  # type: ignore[method-assign
 #: Messages up to this size are queued joined to their prefix (one frame); larger ones are not
 #: copied for it (the prefix goes first, as a frame of its own).
 _JOIN_BELOW = 64 * 1024
+#: DATA frames of at least this many bytes leave their payload as it is, beside the frames
+#: around it, for the socket to gather (see :class:`_H2Connection`); smaller ones are copied.
+_GATHER_FROM = 16 * 1024
+#: An HTTP/2 frame header: a 24-bit length, the type, the flags, the stream (RFC 9113, 4.1).
+_FRAME_HEADER = struct.Struct(">HBBBL")
+_DATA_END_STREAM = 0x1
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2, its output kept as a list of buffers instead of one joined bytearray.
+
+    h2 serializes a DATA frame by copying its payload three times (the body, header and
+    body, then onto its output bytearray): for a large download that is most of the work
+    this side does per byte. Here a large DATA frame's header goes onto the output
+    bytearray and its payload is kept as given, unjoined; :meth:`take_output` hands the
+    list over for one gathered write. Every other frame is h2's own serialization, and the
+    bytes keep h2's order. (Built on h2 4.x's ``_prepare_for_sending`` and
+    ``_data_to_send``; without them, h2 is used as it is.)
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        #: Output before ``_data_to_send``: buffers in order.
+        self._gathered: list[bytes | bytearray | memoryview] = []
+        self._gathered_bytes = 0
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        for f in frames:
+            if type(f) is hyperframe.frame.DataFrame and len(f.data) >= _GATHER_FROM \
+                    and f.flags <= {"END_STREAM"}:
+                size = len(f.data)
+                if size > self.max_outbound_frame_size:  # h2 checks before; as its own assert
+                    raise h2.exceptions.FrameTooLargeError(f"a DATA frame of {size} bytes")
+                flags = _DATA_END_STREAM if f.flags else 0
+                out = self._data_to_send
+                out += _FRAME_HEADER.pack(size >> 8, size & 0xFF, 0, flags, f.stream_id & 0x7FFFFFFF)
+                self._gathered.append(out)
+                self._gathered.append(f.data)
+                self._gathered_bytes += len(out) + size
+                self._data_to_send = bytearray()
+            else:
+                self._data_to_send += f.serialize()
+                assert f.body_len <= self.max_outbound_frame_size
+
+    @property
+    def pending_output(self) -> int:
+        return self._gathered_bytes + len(self._data_to_send)
+
+    def take_output(self) -> list[bytes | bytearray | memoryview]:
+        """Everything queued for the socket, in order (empties the queue)."""
+        out = self._gathered
+        if self._data_to_send:
+            out.append(self._data_to_send)
+            self._data_to_send = bytearray()
+        self._gathered = []
+        self._gathered_bytes = 0
+        return out
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if self._gathered:
+            self._data_to_send[:0] = b"".join(self.take_output())
+        return super().data_to_send(amount)
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._gathered = []
+        self._gathered_bytes = 0
+        super().clear_outbound_data_buffer()
+
+
+#: Whether h2 is the one :class:`_H2Connection` is built on (the private names it uses).
+_GATHERING = callable(getattr(h2.connection.H2Connection, "_prepare_for_sending", None)) and \
+    isinstance(getattr(h2.connection.H2Connection(), "_data_to_send", None), bytearray)
 
 
 class GrpcError(Exception):
@@ -500,7 +572,7 @@ class ServerConnection:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
-        self._h2 = h2.connection.H2Connection(config)
+        self._h2 = (_H2Connection if _GATHERING else h2.connection.H2Connection)(config)
         # In the first SETTINGS frame, and in force here from the start: they only allow the
         # client more, so it may use them as soon as it reads them. (Sent as an update, h2
         # would apply the larger frame size at the client's ACK, and refuse a large frame that
@@ -530,21 +602,30 @@ class ServerConnection:
             self._h2.increment_flow_control_window(grow)
 
     def data_to_send(self) -> bytes | bytearray:
-        """Everything queued for the socket (empties the queue)."""
-        # h2 keeps its output in a bytearray and copies it out; taken whole instead, the
-        # bytes of a large download are copied once less (h2 4.x; a fallback otherwise).
+        """Everything queued for the socket, joined (empties the queue; the node writes
+        :meth:`buffers_to_send` instead, without joining)."""
+        return b"".join(self.buffers_to_send())
+
+    def buffers_to_send(self) -> list[bytes | bytearray | memoryview]:
+        """Everything queued for the socket, as buffers to write in order (empties the queue).
+
+        The payload of a large message is among them as the caller gave it to
+        :meth:`send_message`, not copied (one the client's window splits is copied once, by
+        h2). A payload must not change until it is written.
+        """
         h2c = self._h2
-        data = getattr(h2c, "_data_to_send", None)
-        if type(data) is not bytearray:
-            return h2c.data_to_send()
-        h2c._data_to_send = bytearray()
-        return data
+        if isinstance(h2c, _H2Connection):
+            return h2c.take_output()
+        data = h2c.data_to_send()
+        return [data] if data else []
 
     @property
     def buffered(self) -> int:
-        """Bytes queued for the socket. (h2 has no public way to ask, and taking its bytes
-        out only to count them would copy every byte sent once more.)"""
-        data = getattr(self._h2, "_data_to_send", None)
+        """Bytes queued for the socket."""
+        h2c = self._h2
+        if isinstance(h2c, _H2Connection):
+            return h2c.pending_output
+        data = getattr(h2c, "_data_to_send", None)
         return len(data) if data is not None else 0
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
