@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import urllib.parse
 
 import h2.config
@@ -391,3 +392,24 @@ def test_timeouts(text: bytes, seconds: float) -> None:
 def test_bad_timeouts(text: bytes) -> None:
     with pytest.raises(GrpcError):
         parse_timeout(text)
+
+
+def test_a_message_in_two_parts_is_sent_as_one() -> None:
+    pair = Pair(max_message=4_000_000)
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 8_000_000,
+                                 h2.settings.SettingCodes.MAX_FRAME_SIZE: 4_000_000})
+    pair.client.increment_flow_control_window(8_000_000)
+    stream_id = pair.request(b"x")
+    pair.exchange()
+    body = os.urandom(1_500_000)
+    pair.server.send_message(stream_id, b"head", body)  # large: the body is not copied
+    view = memoryview(os.urandom(100_000))[10:]
+    pair.server.send_message(stream_id, b"view", view)  # (h2 copies a memoryview once)
+    pair.server.send_message(stream_id, b"small", memoryview(b" body"))  # small: joined
+    pair.server.finish(stream_id, wire.make_status(Code.OK))
+    buffers = pair.server.buffers_to_send()
+    assert any(b is body for b in buffers)
+    pair.client_events += pair.client.receive_data(b"".join(buffers))
+    data = b"".join(e.data for e in pair.of(h2.events.DataReceived, stream_id))
+    assert data == (encode_message(b"head" + body) + encode_message(b"view" + bytes(view))
+                    + encode_message(b"small body"))

@@ -162,13 +162,14 @@ class GrpcCall:
         """Send one message; waits while too much of this call's output is unsent."""
         await self.send_raw(message.SerializeToString())
 
-    async def send_raw(self, payload: bytes) -> None:
+    async def send_raw(self, payload: bytes, body: bytes | memoryview = b"") -> None:
+        """Send one serialized message, ``payload`` then ``body`` (a large body uncopied)."""
         conn = self._conn
         proto = conn.proto
         if not proto.is_open(self.stream_id):
             await trio.lowlevel.checkpoint()
             raise trio.BrokenResourceError("the stream is closed")
-        proto.send_message(self.stream_id, payload)
+        proto.send_message(self.stream_id, payload, body)
         conn.wake()
         while proto.outbound_pending(self.stream_id) > STREAM_HIGH or proto.buffered > SOCKET_HIGH:
             await conn.room.park()

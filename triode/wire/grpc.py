@@ -538,7 +538,7 @@ class _Stream:
         #: Bytes delivered in messages the caller has not said it consumed.
         self.unacked = 0
         #: Output waiting for the client's window; ``sent`` bytes of the first one are gone.
-        self.out: deque[bytes] = deque()
+        self.out: deque[bytes | memoryview] = deque()
         self.sent = 0
         self.out_bytes = 0
         self.headers_sent = False
@@ -767,20 +767,26 @@ class ServerConnection:
         st = self._streams.get(stream_id)
         return st.out_bytes if st is not None else 0
 
-    def send_message(self, stream_id: int, payload: bytes) -> None:
-        """Queue one message (the response headers go first); sent as far as windows allow."""
+    def send_message(self, stream_id: int, payload: bytes, body: bytes | memoryview = b"") -> None:
+        """Queue one message, ``payload`` followed by ``body`` (the response headers go
+        first); sent as far as windows allow. A large ``body`` is sent as it is, not copied
+        (it must not change until it is written)."""
         st = self._streams.get(stream_id)
         if st is None or st.finishing or self.closed:
             return
         if not st.headers_sent:
             st.headers_sent = True
             self._h2.send_headers(stream_id, _RESPONSE_HEADERS)
-        if len(payload) <= _JOIN_BELOW:
-            st.out.append(encode_message(payload))
+        size = len(payload) + len(body)
+        if size <= _JOIN_BELOW:
+            st.out.append(encode_message(payload + bytes(body) if body else payload))
+        elif body:
+            st.out.append(_PREFIX.pack(0, size) + payload)
+            st.out.append(body)
         else:  # a large message is not copied to put its 5-byte prefix in front
-            st.out.append(_PREFIX.pack(0, len(payload)))
+            st.out.append(_PREFIX.pack(0, size))
             st.out.append(payload)
-        st.out_bytes += 5 + len(payload)
+        st.out_bytes += 5 + size
         self._flush(st)
 
     def finish(self, stream_id: int, status: status_pb2.Status) -> None:
