@@ -295,15 +295,21 @@ def test_output_waits_for_the_clients_window() -> None:
     assert pair.trailers(stream_id)[b"grpc-status"] == b"0"
 
 
-def test_large_messages_go_out_as_they_were_given() -> None:
-    # A large message's payload is among the buffers to write as the very object given (no
-    # copy in h2's frame serialization), between the frames around it, in order.
+def open_wide_stream() -> tuple[Pair, int]:
+    """A pair whose client takes 4 MB frames and 8 MB windows, so nothing waits on flow."""
     pair = Pair(max_message=4_000_000)
     pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 8_000_000,
                                  h2.settings.SettingCodes.MAX_FRAME_SIZE: 4_000_000})
     pair.client.increment_flow_control_window(8_000_000)
     stream_id = pair.request(b"x")
     pair.exchange()
+    return pair, stream_id
+
+
+def test_large_messages_go_out_as_they_were_given() -> None:
+    # A large message's payload is among the buffers to write as the very object given (no
+    # copy in h2's frame serialization), between the frames around it, in order.
+    pair, stream_id = open_wide_stream()
     payloads = [bytes([n]) * (1_000_000 + n) for n in range(3)]
     for payload in payloads:
         pair.server.send_message(stream_id, payload)
@@ -395,12 +401,7 @@ def test_bad_timeouts(text: bytes) -> None:
 
 
 def test_a_message_in_two_parts_is_sent_as_one() -> None:
-    pair = Pair(max_message=4_000_000)
-    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 8_000_000,
-                                 h2.settings.SettingCodes.MAX_FRAME_SIZE: 4_000_000})
-    pair.client.increment_flow_control_window(8_000_000)
-    stream_id = pair.request(b"x")
-    pair.exchange()
+    pair, stream_id = open_wide_stream()
     body = os.urandom(1_500_000)
     pair.server.send_message(stream_id, b"head", body)  # large: the body is not copied
     view = memoryview(os.urandom(100_000))[10:]
