@@ -30,7 +30,7 @@ import trio
 
 __all__ = [
     "open_process_group", "stop_group", "kill_group", "group_alive", "proc_stats", "ProcStat", "KILL_WAIT",
-    "Wrapped",
+    "Wrapped", "kill_groups_working_in",
 ]
 
 #: How long we wait for a SIGKILLed group to disappear before giving up on it. A
@@ -109,6 +109,33 @@ def _signal_wrapped(pgid: int, sig: int) -> None:
                 pass
 
 
+def kill_groups_working_in(root: str | os.PathLike[str]) -> list[int]:
+    """SIGKILL the process group of every process whose working directory is in ``root``;
+    the groups killed.
+
+    For what a node that was itself killed left running in its work dirs: its children
+    start sessions of their own, so nothing signals them when it dies, and a sandbox's
+    wrapper (whose working directory is its action's) takes the sandbox's PID namespace
+    with it. Our own group is never signalled."""
+    top = os.path.realpath(root)
+    inside = top.rstrip("/") + "/"
+    ours = os.getpgrp()
+    killed: list[int] = []
+    for p in proc_stats():
+        if p.state in ("Z", "X") or p.pgrp in killed or p.pgrp == ours or p.pgrp <= 1:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{p.pid}/cwd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        if cwd.endswith(" (deleted)"):
+            cwd = cwd[: -len(" (deleted)")]
+        if cwd == top or cwd.startswith(inside):
+            kill_group(p.pgrp, signal.SIGKILL)
+            killed.append(p.pgrp)
+    return killed
+
+
 async def _wait_group_gone(pgid: int) -> None:
     delay = 0.001
     while group_alive(pgid):
@@ -124,6 +151,10 @@ async def stop_group(proc: trio.Process, grace: float, *, wrapped: Wrapped | Non
     """
     pgid = proc.pid
     emptied = wrapped is not None and wrapped.emptied and proc.returncode is not None
+    if wrapped is not None and proc.returncode is not None and not emptied:
+        # The wrapper exited, so its command has: what is left is the init of its namespace
+        # and the command's daemons, which end with the command (sandbox.py says why).
+        kill_group(pgid, signal.SIGKILL)
     if not emptied and group_alive(pgid):
         if grace > 0:
             if wrapped is not None:

@@ -9,11 +9,13 @@ daemon that outlives its action.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio._core._thread_cache as thread_cache
 
 import triode
 from triode.engine.sandbox import find_bwrap
@@ -55,15 +58,15 @@ def _nobody() -> tuple[int, int]:
 
 @asynccontextmanager
 async def spawn_node(
-    kind: str, tmp_path: Path, *args: str, started: bool = True
+    kind: str, tmp_path: Path, *args: str, started: bool = True, home: Path | None = None
 ) -> AsyncIterator[NodeProcess]:
     """``triode node`` on loopback as root, or as a user that is not root, over its own data dir.
 
     With ``started=False`` the node is expected to refuse to start: it is waited for and
-    yielded once it has exited.
+    yielded once it has exited. ``home``: the home (and data dir's parent) of an earlier
+    node, to start another over the same data dir (the caller removes it).
     """
     prefix: list[str] = []
-    home = tmp_path / "node"
     made = None
     if kind == "root":
         if os.geteuid() != 0:
@@ -73,10 +76,13 @@ async def spawn_node(
         if setpriv is None:
             pytest.skip("needs setpriv to run a node as nobody")
         uid, gid = _nobody()
-        # A dir nobody can reach (pytest's own are root's, 0700), removed at the end.
-        home = made = Path(tempfile.mkdtemp(prefix="triode-isolation-"))
-        os.chown(home, uid, gid)
+        if home is None:
+            # A dir nobody can reach (pytest's own are root's, 0700), removed at the end.
+            home = made = Path(tempfile.mkdtemp(prefix="triode-isolation-"))
+            os.chown(home, uid, gid)
         prefix = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    if home is None:
+        home = tmp_path / "node"
     home.mkdir(exist_ok=True)
     log = tmp_path / "node.log"
     argv = [*prefix, sys.executable, "-m", "triode", "node", "--listen", "127.0.0.1:0", "--data",
@@ -209,6 +215,61 @@ async def test_the_daemons_of_a_timed_out_action_end_with_it(kind: str, tmp_path
         assert r.timed_out and r.exit_code == 3 and r.signal is None
         assert await client.cas.get(r.stdout.digest) == b"last words\n"
         assert procs_with(daemon) == []  # ...and what it left behind went with it
+
+
+async def test_an_action_outlives_the_thread_that_started_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # trio starts processes from cached worker threads, which exit once idle (10 s; 0.1 s
+    # here). bwrap's --die-with-parent tied the sandbox to that thread: every isolated action
+    # that ran past it was SIGKILLed (exit 137) on a quiet node.
+    monkeypatch.setattr(thread_cache, "IDLE_TIMEOUT", 0.1)
+    async with no_leaks(), triode.open_node(listen="127.0.0.1:0", data=tmp_path / "data") as node:
+        async with triode.connect(node.address) as client:
+            assert (await engine_info(client))["isolated"]
+            outcome = await client.execute(sh("sleep 1; echo done", do_not_cache=True))
+            assert (outcome.exit_code, outcome.result.signal) == (0, None)
+            assert await client.cas.get(outcome.result.stdout.digest) == b"done\n"
+
+
+@pytest.mark.parametrize("kind", NODES)
+async def test_a_node_stops_what_a_killed_node_left_running(kind: str, tmp_path: Path) -> None:
+    # A SIGKILLed node cannot stop its actions: they run in sessions and sandboxes of their
+    # own. The next node over the same data dir stops them before it removes their dirs.
+    sleeper = marker()
+    home = tmp_path / "node"
+    if kind != "root":  # a home nobody can reach (pytest's dirs are root's, 0700)
+        home = Path(tempfile.mkdtemp(prefix="triode-isolation-"))
+        if os.geteuid() == 0:
+            os.chown(home, *_nobody())
+    async with no_leaks():
+        async with spawn_node(kind, tmp_path, home=home) as first:
+            async with triode.connect(first.address) as client, trio.open_nursery() as nursery:
+                async def run() -> None:
+                    with contextlib.suppress(triode.TriodeError, trio.BrokenResourceError):
+                        await client.execute(sh(f"sleep {sleeper}", do_not_cache=True))
+
+                nursery.start_soon(run)
+                with trio.fail_after(20):
+                    while not procs_with(sleeper):  # noqa: ASYNC110 - polling, bounded
+                        await trio.sleep(0.05)
+                first.process.kill()
+                await first.process.wait()
+                await trio.sleep(0.5)
+                assert procs_with(sleeper), "the action went with the node: nothing to test"
+                nursery.cancel_scope.cancel()
+        try:
+            async with spawn_node(kind, tmp_path, home=home) as second:
+                assert procs_with(sleeper) == []  # stopped before the node said it listens
+                assert "stopped 1 process groups a killed node left running" in second.stderr()
+                roots = [p for p in (second.data / "work").iterdir() if p.is_dir()]
+                assert len(roots) == 1  # the second node's own: the first's dirs are gone
+        finally:
+            for pid in procs_with(sleeper):  # only when the test failed: nothing to leave behind
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if kind != "root":
+                shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.parametrize("kind", NODES)

@@ -34,7 +34,7 @@ import select
 import signal
 import stat
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, nullcontext
+from contextlib import AsyncExitStack, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -369,6 +369,7 @@ class _ChildWatch:
                     self._reaped = True
                     self._forget(fd)
                     self._pidfd = None
+                    self._end_sandbox()
                 continue
             if fd == self._info:
                 self._read_info(fd)
@@ -420,6 +421,16 @@ class _ChildWatch:
             return
         self._init = init
         self._epoll.register(init, select.EPOLLIN)
+        if self._reaped:
+            self._end_sandbox()
+
+    def _end_sandbox(self) -> None:
+        """The wrapper exited, so its command has: SIGKILL the namespace's init, which
+        would otherwise wait for every daemon the command left, and the kernel empties the
+        namespace. (bwrap's ``--die-with-parent`` did this, at a price: see sandbox.py.)"""
+        if self._init is not None:
+            with suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._init, signal.SIGKILL)
 
     def _forget(self, pidfd: int) -> None:
         # Unregister before closing: closing alone left the set reporting the old fd

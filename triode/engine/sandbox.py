@@ -1,14 +1,19 @@
 """Isolation of actions: bubblewrap, a PID namespace per action, the store out of reach.
 
-An action runs as ``bwrap --unshare-pid --die-with-parent ... -- ARGV``. What it does
-not get to keep:
+An action runs as ``bwrap --unshare-pid ... -- ARGV``. What it does not get to keep:
 
 - **Processes.** The command runs in a PID namespace of its own. When it exits, the
   namespace's init (bwrap's) exits and the kernel kills whatever is left in it: a
   ``setsid`` daemon with its descriptors closed, a double fork, anything. If the
-  node stops the run (timeout, cancellation), the wrapper dies with the command
-  (``--die-with-parent``), and the namespace with it. See :mod:`triode.procgroup` for
-  how the SIGTERM of the grace period still reaches the command first.
+  node stops the run (timeout, cancellation), it kills the wrapper's group, and the
+  namespace goes with it. See :mod:`triode.procgroup` for how the SIGTERM of the grace
+  period still reaches the command first. bwrap's init would wait for every daemon the
+  command left, so when bwrap exits the runner SIGKILLs the init (see
+  :mod:`triode.engine.runner`). Not ``--die-with-parent``, which did that too: the kernel
+  ties it to the *thread* that started bwrap, one of trio's cached threads, which exits
+  after ten idle seconds and took every longer action with it. A node that is killed
+  leaves its sandboxes to the next node that opens its data dir (see
+  :mod:`triode.engine.workdir`).
 - **The store.** The node's data dir (and the work dirs' base) is bound read-only, and
   only the action's own work dir is writable. A node running as root runs the action
   as root without any capability (``--cap-drop ALL``, no new privileges), and gives
@@ -95,6 +100,14 @@ class Sandbox:
         tail = ("--bind", w, w, "--chdir", where, "--", *self._restore_env(env or {}, program))
         return lambda info: [*head, "--info-fd", str(info), *tail]
 
+    def around(self, argv: Sequence[str], cwd: Path) -> list[str]:
+        """``argv`` run in ``cwd`` in this sandbox, with nothing but what every action gets
+        writable (for a long-lived helper such as a tool worker; ``argv`` itself when
+        unisolated). bwrap passes the caller's open descriptors and environment through."""
+        if not self.prefix:
+            return list(argv)
+        return [*self.prefix, "--chdir", os.fspath(cwd), "--", *argv]
+
     def _restore_env(self, env: Mapping[str, str], program: str) -> list[str]:
         """The argv that puts the action's own PWD back over bwrap's (nothing when it has none)."""
         if "PWD" not in env:
@@ -149,7 +162,7 @@ def _nobody() -> tuple[int, int]:
 
 def bwrap_prefix(bwrap: str, *, root: bool, network: str, protect: Sequence[Path]) -> list[str]:
     """The bwrap options every action gets (the work dir's bind and the command follow)."""
-    argv = [bwrap, "--die-with-parent", "--unshare-pid"]
+    argv = [bwrap, "--unshare-pid"]  # not --die-with-parent: see the module docstring
     if not root:
         argv.append("--unshare-user")  # what lets a user that is not root make the namespaces
     if network == "none":

@@ -3,7 +3,9 @@
 A node keeps its work dirs under ``<data>/work/<node-id>/`` and holds an flock on
 ``<data>/work/<node-id>.lock`` for as long as it runs. Several nodes (a daemon and the
 embedded nodes of ``triode run``) may share one data dir, so a node starting up removes
-only the directories whose lock nobody holds: those a crashed node left behind.
+only the directories whose lock nobody holds: those a crashed node left behind. Before
+it removes them it kills whatever still runs in them: a node that was SIGKILLed could
+not stop its actions, which run in sessions (and sandboxes) of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import trio
 
+from ..procgroup import group_alive, kill_groups_working_in
+
 __all__ = ["WorkDirs", "remove_tree", "scratch_of"]
 
 #: Finished work dirs queued for removal behind their executions.
@@ -39,6 +43,13 @@ STAMP_SLACK_NS = 50_000_000
 Stamp = tuple[int, int, int, int, int]
 
 log = logging.getLogger("triode.engine")
+
+
+def _wait_gone(groups: list[int], timeout: float = 2.0) -> None:
+    """Wait (a little, at start-up) for SIGKILLed groups to be gone before their dirs go."""
+    deadline = time.monotonic() + timeout
+    while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def remove_tree(path: Path) -> None:
@@ -167,8 +178,14 @@ class WorkDirs:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live node holds it
-                log.info("removing work dirs left by a stopped node: %s", lock.with_suffix(""))
-                remove_tree(lock.with_suffix(""))
+                left = lock.with_suffix("")
+                stopped = kill_groups_working_in(left)
+                if stopped:
+                    log.warning("stopped %d process groups a killed node left running in %s",
+                                len(stopped), left)
+                    _wait_gone(stopped)
+                log.info("removing work dirs left by a stopped node: %s", left)
+                remove_tree(left)
                 lock.unlink(missing_ok=True)
             finally:
                 os.close(fd)
