@@ -3,15 +3,21 @@
 Entrypoints are paths on the node's machine. The caller's deadline and cancellation
 arrive through the wire layer as this handler's cancel scope, so a client that gives up
 gets the worker killed here exactly as a local caller would.
+
+Workers run in the sandbox the node's actions run in (the engine's, decided when it
+started): without it, an action could write a script anywhere the node can and a
+``tools.call`` would run it outside every sandbox, store and all within its reach.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..engine.sandbox import Sandbox
 from ..errors import InvalidArgument
 from ..tools.pool import ToolPool, ToolPoolConfig, open_tool_pool
 from ..wire.connection import IncomingCall
@@ -79,10 +85,22 @@ class ToolsPart:
         return {"tools": tools}
 
 
+def _sandboxed(config: ToolPoolConfig, node: Node) -> ToolPoolConfig:
+    """``config`` with the workers in the engine's sandbox, when it has one."""
+    engine = node.parts.get("engine")
+    sandbox = getattr(getattr(engine, "executor", None), "sandbox", None)
+    if not isinstance(sandbox, Sandbox):
+        return dataclasses.replace(config, isolation="none: this node has no engine to take a sandbox from")
+    if not sandbox.isolated:
+        return dataclasses.replace(config, isolation=f"the actions' sandbox, which is none: {sandbox.detail}")
+    return dataclasses.replace(config, sandbox=sandbox.around,
+                               isolation=f"the actions' sandbox: {sandbox.detail}")
+
+
 @asynccontextmanager
 async def open_tools(node: Node) -> AsyncIterator[ToolsPart]:
     """The node part: its pool closes (every worker stopped) when the node does."""
-    async with open_tool_pool(pool_config_from_env()) as pool:
+    async with open_tool_pool(_sandboxed(pool_config_from_env(), node)) as pool:
         part = ToolsPart(pool)
         node.router.add("tools.call", part.handle_call)
         node.router.add("tools.list", part.handle_list)

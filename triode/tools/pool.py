@@ -41,7 +41,7 @@ from .validation import (
     validate_timeout,
     validate_tool_id,
 )
-from .worker import Worker, WorkerSpec, run_worker
+from .worker import Sandboxer, Worker, WorkerSpec, run_worker
 
 __all__ = ["ToolPoolConfig", "ToolPool", "open_tool_pool", "worker_env"]
 
@@ -85,6 +85,11 @@ class ToolPoolConfig:
     stderr_tail: int = 8192
     #: Variables every worker gets (validated like a call's env), under the call's own.
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Runs each worker in a sandbox (see :data:`~triode.tools.worker.Sandboxer`); None: workers
+    #: are plain children of this process, in a process group of their own.
+    sandbox: Sandboxer | None = None
+    #: One line for people: how workers are isolated (``info()`` shows it).
+    isolation: str = "none: workers are this process's children, in process groups of their own"
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -320,6 +325,7 @@ class ToolPool:
                 start_timeout=self.config.start_timeout,
                 grace=self.config.grace,
                 stderr_tail=self.config.stderr_tail,
+                sandbox=self.config.sandbox,
             ),
         )
         if len(self._sets) >= self.config.max_pools:
@@ -410,6 +416,8 @@ class ToolPool:
     def info(self) -> dict[str, Any]:
         return {
             "size": self.config.size,
+            "isolated": self.config.sandbox is not None,
+            "isolation_detail": self.config.isolation,
             "calls": self.calls,
             "failures": self.failures,
             "workers_started": self.started,

@@ -13,6 +13,12 @@ separate fd handed over with ``pass_fds`` whose number is on the command line. T
 is the "dup the real stdout, point fd 1 at stderr" arrangement done at spawn time: a
 tool writing to stdout by any means (console, process.stdout, fs.writeSync(1)) lands
 in the log and cannot corrupt a reply.
+
+A worker may run in a sandbox (``WorkerSpec.sandbox``; the node gives its workers the
+sandbox its actions run in): a wrapper that runs the runtime as its grandchild in a
+PID namespace and exits with its status. The group is then stopped as a wrapped one
+(:class:`~triode.procgroup.Wrapped`), a status of 128 + N reads as signal N, and the
+memory that recycles a worker is the runtime's own, not the wrapper's.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import select
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +46,11 @@ from ..errors import (
     ToolNotFound,
     TriodeError,
 )
-from ..procgroup import KILL_WAIT, kill_group, open_process_group
+from ..procgroup import KILL_WAIT, Wrapped, kill_group, open_process_group, proc_stats
 from .protocol import FrameDecoder, LoadFailure, Result, encode_call, parse_hello, parse_result
 from .runtimes import HOW_TO_GET, Runtime
 
-__all__ = ["WorkerSpec", "Worker", "run_worker"]
+__all__ = ["Sandboxer", "WorkerSpec", "Worker", "run_worker"]
 
 log = logging.getLogger("triode.tools")
 
@@ -52,6 +58,11 @@ log = logging.getLogger("triode.tools")
 LOG_WAIT = 1.0
 READ_SIZE = 64 * 1024
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+#: Given a worker's argv and working directory, the argv that runs it in a sandbox: a
+#: wrapper that runs it as its grandchild (in a PID namespace, so nothing it starts
+#: outlives it) and exits with its status, 128 + N for signal N (bubblewrap does).
+Sandboxer = Callable[[Sequence[str], Path], list[str]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class WorkerSpec:
     start_timeout: float = 30.0
     grace: float = 2.0
     stderr_tail: int = 8192
+    sandbox: Sandboxer | None = None
 
     @property
     def label(self) -> str:
@@ -77,7 +89,11 @@ class Worker:
     def __init__(self, spec: WorkerSpec, proc: trio.Process, channel: trio.lowlevel.FdStream) -> None:
         self.spec = spec
         self.proc = proc
+        #: The process group's leader (the sandbox's wrapper, when there is one).
         self.pid = proc.pid
+        #: The runtime's own process, found once it said it is ready (its memory is
+        #: what recycles it); the leader when there is no sandbox.
+        self.runtime_pid = proc.pid
         self.tools: tuple[str, ...] = ()
         self.calls = 0
         #: trio time it last went back to its pool's idle set.
@@ -127,7 +143,7 @@ class Worker:
     def rss(self) -> int | None:
         """Resident memory of the worker process in bytes (None once it is gone)."""
         try:
-            fd = os.open(f"/proc/{self.pid}/statm", os.O_RDONLY)
+            fd = os.open(f"/proc/{self.runtime_pid}/statm", os.O_RDONLY)
             try:
                 fields = os.read(fd, 256).split()
             finally:
@@ -310,6 +326,8 @@ class Worker:
                 stack=err["stack"],
             )
         self.tools = hello.tools
+        if self.spec.sandbox is not None:
+            self.runtime_pid = _wrapped_command(self.pid) or self.pid
 
     async def _serve(self, on_started: Callable[[Worker], None]) -> TriodeError | None:
         """Start, report, then wait to be stopped; returns the start failure, if any."""
@@ -352,10 +370,19 @@ def _not_found(entrypoint: Path, tool: str, tools: tuple[str, ...]) -> ToolNotFo
     )
 
 
+def _wrapped_command(leader: int) -> int | None:
+    """The pid of the command a sandbox's wrapper runs (the wrapper's grandchild), if any."""
+    group = [p for p in proc_stats() if p.pgrp == leader and p.state not in ("Z", "X")]
+    inits = {p.pid for p in group if p.ppid == leader}
+    return next((p.pid for p in group if p.ppid in inits), None)
+
+
 def _process_exit(worker: Worker, what: str) -> ProcessExit:
     code = worker.proc.returncode
     sig = -code if code is not None and code < 0 else None
-    exit_code = code if code is not None and code >= 0 else None
+    if worker.spec.sandbox is not None and code is not None and 128 < code < 128 + signal.NSIG:
+        sig = code - 128  # the sandbox reports a signalled command as a shell does
+    exit_code = code if code is not None and code >= 0 and sig is None else None
     how = (
         f"with code {exit_code}"
         if exit_code is not None
@@ -395,6 +422,10 @@ async def run_worker(
 
     try:
         argv = spec.runtime.argv(spec.entrypoint, write_fd)
+        wrapped = None
+        if spec.sandbox is not None:
+            argv = spec.sandbox(argv, spec.entrypoint.parent)
+            wrapped = Wrapped()
         try:
             async with open_process_group(
                 argv,
@@ -405,6 +436,7 @@ async def run_worker(
                 stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,),
                 grace=spec.grace,
+                wrapped=wrapped,
             ) as proc:
                 os.close(write_fd)
                 write_fd = -1
