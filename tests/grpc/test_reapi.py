@@ -11,6 +11,9 @@ import uuid
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.settings
 import pytest
 import trio
 import trustme
@@ -663,3 +666,37 @@ async def test_gathered_writes_survive_partial_sends() -> None:
         async with trio.SocketStream(c) as stream:
             for _ in range(100):
                 await grpc_door.send_buffers(stream, [b"x" * 100_000, b"y" * 100_000])
+
+
+async def test_a_client_that_stops_reading_is_dropped(
+    rnode: triode.Node, rpc: Rpc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A download to a client that never reads its socket: the node's writer blocks once the
+    # socket buffers are full, and the call would wait for room forever.
+    monkeypatch.setattr(grpc_door, "WRITE_TIMEOUT", 0.5)
+    data = os.urandom(32 * 1024 * 1024)
+    async with triode.connect(rnode.address) as client:
+        blob = await client.cas.put(data)
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    h2c.local_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})  # let it send all it has
+    h2c.initiate_connection()
+    h2c.increment_flow_control_window(2**31 - 1 - 65_535)
+    request = bs.ReadRequest(resource_name=f"blobs/{blob.hash}/{blob.size}").SerializeToString()
+    h2c.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"triode"),
+                         (b":path", b"/google.bytestream.ByteStream/Read"),
+                         (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+    h2c.send_data(1, b"\0" + len(request).to_bytes(4, "big") + request, end_stream=True)
+    door = rnode.parts["grpc"]
+    host, port = str(rnode.grpc_address).rsplit(":", 1)
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        await stream.send_all(h2c.data_to_send())
+        with trio.fail_after(20):
+            while door.info()["connections"] == 0:  # noqa: ASYNC110 - polling, bounded
+                await trio.sleep(0.01)
+            while door.info()["connections"]:  # noqa: ASYNC110 - dropped, never having read a byte
+                await trio.sleep(0.05)
+        assert door.active == 0
+    # ...and everyone else is served as before.
+    assert await read(rpc, pb.Digest(hash=blob.hash, size_bytes=blob.size)) == data

@@ -67,6 +67,10 @@ LOCAL_SNDBUF = 256 * 1024
 GATHER = 64
 #: A new connection must send its first bytes within this many seconds.
 PREFACE_TIMEOUT = 10.0
+#: A client that takes longer than this to take what is queued for it (a few MiB at most:
+#: :data:`SOCKET_HIGH` and the messages in flight) is dropped, its calls cancelled: its
+#: handlers would otherwise wait for room forever.
+WRITE_TIMEOUT = 60.0
 #: Bytes of a TLS handshake, at most this many seconds.
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -260,13 +264,18 @@ class _Connection:
                         return
                     await self._writer_lot.park()
                     continue
-                await send_buffers(stream, buffers)
+                with trio.move_on_after(WRITE_TIMEOUT) as stalled:
+                    await send_buffers(stream, buffers)
+                if stalled.cancelled_caught:
+                    log.info("gRPC client %s did not take what it was sent within %gs; dropping it",
+                             self.peer, WRITE_TIMEOUT)
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("gRPC client %s: the connection broke: %r", self.peer, exc)
-            self._broken = True
-            self._written.set()
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()  # the reader and every call stop with it
+        self._broken = True
+        self._written.set()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()  # the reader and every call stop with it
 
     async def _receive(self) -> bytes | bytearray:
         try:
