@@ -16,9 +16,11 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from triode.engine.sandbox import Sandbox, probe
 from triode.errors import RuntimeMissing
 from triode.tools import find_runtime, open_tool_pool
 
@@ -161,19 +163,24 @@ def throughput(b: Bench) -> None:
 def oneshot(b: Bench) -> None:
     entry = _entrypoint(b)
     calls = 5 if b.quick else 20
+    sandbox = _node_sandbox(b)
+
+    def one_shots(name: str, **options: Any) -> list[float]:
+        async def main() -> list[float]:
+            async with open_tool_pool(size=1, runtime=name, one_shot=True, **options) as pool:
+                samples = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    await pool.call(entry, "echo", INPUT)
+                    samples.append((time.perf_counter() - start) * 1000)
+                return samples
+
+        return trio.run(main)
+
     for name, executable in _runtimes():
 
         def subject(name: str = name) -> list[float]:
-            async def main() -> list[float]:
-                async with open_tool_pool(size=1, runtime=name, one_shot=True) as pool:
-                    samples = []
-                    for _ in range(calls):
-                        start = time.perf_counter()
-                        await pool.call(entry, "echo", INPUT)
-                        samples.append((time.perf_counter() - start) * 1000)
-                    return samples
-
-            return trio.run(main)
+            return one_shots(name)
 
         def cold(executable: str = executable) -> list[float]:
             return [_cold_latency(executable) * 1000 for _ in range(calls)]
@@ -188,3 +195,37 @@ def oneshot(b: Bench) -> None:
             better="lower",
             note="isolation costs a process start per call; the harness and entrypoint load on top",
         )
+        if sandbox is None:
+            continue
+
+        def sandboxed(name: str = name) -> list[float]:
+            return one_shots(name, sandbox=sandbox.around)
+
+        def plain(name: str = name) -> list[float]:
+            return one_shots(name)
+
+        b.compare_percentiles(
+            f"{name} one-shot call {{p}}, in the node's sandbox",
+            "ms",
+            samples=calls,
+            subject=sandboxed,
+            baseline=(f"the same without a sandbox, {{p}} of {calls}", plain),
+            percentiles=(50,),
+            better="lower",
+            note="what a node's tool workers pay to start (bwrap, a PID namespace); warm calls pay nothing",
+        )
+
+
+def _node_sandbox(b: Bench) -> Sandbox | None:
+    """The sandbox a node on this machine gives its tool workers (None, said, without bwrap)."""
+
+    async def main() -> Sandbox:
+        data = b.tmpdir / "tools-data"
+        data.mkdir(exist_ok=True)
+        return await probe("auto", protect=[data], scratch=b.tmpdir)
+
+    sandbox = trio.run(main)
+    if not sandbox.isolated:
+        print(f"tools.oneshot: skipping the sandboxed figure: {sandbox.detail}")
+        return None
+    return sandbox
