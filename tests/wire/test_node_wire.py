@@ -266,7 +266,7 @@ async def test_streams_over_tcp_arrive_intact(node: triode.Node, client: triode.
         return h.hexdigest()
 
     node.router.add("test.download", download)
-    node.router.add("test.upload", upload)
+    node.router.add("test.upload", upload, upload=True)
     for _ in range(2):
         async with client.connection.open_call("test.download") as call:
             got = b"".join([chunk async for chunk in call])
@@ -337,3 +337,16 @@ async def test_a_client_written_from_the_protocol_doc(node: triode.Node) -> None
                 assert m[1:] == [5, len(payload)]
                 break
         assert received == payload
+
+
+async def test_an_upload_to_a_method_that_reads_none_is_refused(client: triode.Client) -> None:
+    # A call that says it will upload, to a method that never reads one: refused before it
+    # is served, so its bytes are dropped as they come instead of waiting unread.
+    with pytest.raises(errors.InvalidArgument, match="node.ping takes no upload"):
+        async with client.connection.open_call("node.ping", upload=True) as call:
+            await call.send(b"x" * (1 << 20))
+            call.end()
+            await call.result()
+    assert await client.ping() is not None  # the connection serves on
+    blob = await client.cas.put(b"uploads to cas.put are taken as before")
+    assert await client.cas.get(blob) == b"uploads to cas.put are taken as before"

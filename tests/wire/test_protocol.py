@@ -277,6 +277,21 @@ def test_a_refused_call_still_uses_up_its_id() -> None:
         b.on_call(1, "echo", None, {})
 
 
+def test_an_upload_to_a_method_that_reads_none_is_refused() -> None:
+    # Its bytes would otherwise wait unread, a window of them, until the call ended.
+    a, b = pair(server={"takes_upload": lambda method: method == "put"})
+    _, frame = a.start_call("echo", None, None, True, False)
+    refusal = b.on_call(*decode(frame)[1:])
+    assert isinstance(refusal, bytes)
+    assert decode(refusal)[:3] == [ERROR, 1, "INVALID_ARGUMENT"]
+    assert "echo takes no upload" in decode(refusal)[3]
+    assert b.on_data(1, b"x" * 100) is None  # its DATA is dropped as it comes
+    _, frame = a.start_call("put", None, None, True, False)
+    assert isinstance(served(b, frame), ServedCall)
+    _, frame = a.start_call("echo", None, None, False, False)  # the same method, no upload: fine
+    assert isinstance(served(b, frame), ServedCall)
+
+
 # -- calls we serve ----------------------------------------------------------------------
 
 

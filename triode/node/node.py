@@ -371,7 +371,8 @@ class Node:
     ) -> None:
         try:
             async with open_connection(
-                stream, config, handlers=self.router.get, initiator=False, guard=guard
+                stream, config, handlers=self.router.get, initiator=False, guard=guard,
+                takes_upload=self.router.takes_upload,
             ) as conn:
                 self._connections.add(conn)
                 try:

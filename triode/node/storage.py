@@ -347,7 +347,7 @@ def register(router: Router, cas: CAS, ac: ActionCache, part: StoragePart) -> No
         await ac.update(key, ActionResult.from_wire(args["result"]))  # checked here, at the edge
 
     router.add("cas.find_missing", find_missing)
-    router.add("cas.put", put)
+    router.add("cas.put", put, upload=True)
     router.add("cas.get", get)
     router.add("cas.batch_read", batch_read)
     router.add("cas.batch_update", batch_update)

@@ -568,6 +568,7 @@ class Connection:
         handlers: Callable[[str], Handler | None] | None,
         *,
         initiator: bool,
+        takes_upload: Callable[[str], bool] | None = None,
     ) -> None:
         self.stream = stream
         self.config = config
@@ -582,6 +583,7 @@ class Connection:
             token=config.token,
             required_token=config.required_token,
             lookup=handlers,
+            takes_upload=takes_upload,
             new_made=self._new_outgoing,
             new_served=self._new_incoming,
         )
@@ -1165,15 +1167,17 @@ async def open_connection(
     handlers: Callable[[str], Handler | None] | None = None,
     initiator: bool = True,
     guard: HelloGuard | None = None,
+    takes_upload: Callable[[str], bool] | None = None,
 ) -> AsyncIterator[Connection]:
     """Handshake over ``stream`` and serve it until the block is left.
 
-    ``handlers`` maps a method name to its handler (or None for an unknown method).
+    ``handlers`` maps a method name to its handler (or None for an unknown method);
+    ``takes_upload``, whether a method's handler reads an upload (None: all may).
     ``guard`` (an acceptor's) may refuse the connection until its hello is accepted.
     Leaving the block closes the connection, cancels the handlers it runs and joins
     every task it started; the stream is closed too.
     """
-    conn = Connection(stream, config, handlers, initiator=initiator)
+    conn = Connection(stream, config, handlers, initiator=initiator, takes_upload=takes_upload)
     # The hello happens before the nursery opens, so a refused hello (bad token, wrong
     # version) is raised as itself rather than inside an ExceptionGroup.
     await conn._open(guard)

@@ -266,6 +266,7 @@ class Protocol(Generic[M, S]):
         token: str | None = None,
         required_token: str | None = None,
         lookup: Callable[[str], Any] | None = None,
+        takes_upload: Callable[[str], bool] | None = None,
         new_made: Callable[[int, str, bool, bool], M] = MadeCall,  # type: ignore[assignment]
         new_served: Callable[[int, str, Any, float | None, bool, bool], S] = ServedCall,  # type: ignore[assignment]
     ) -> None:
@@ -279,6 +280,8 @@ class Protocol(Generic[M, S]):
         self._required_token = required_token
         #: Method name -> handler (anything but None); None means "no such method".
         self._lookup = lookup
+        #: Method name -> whether its handler reads an upload; None: every method may.
+        self._takes_upload = takes_upload
         self._new_made = new_made
         self._new_served = new_served
         self._credit_at = window // 2  # grant credit back once this much has been read
@@ -515,6 +518,12 @@ class Protocol(Generic[M, S]):
         if (upload is not False and upload is not True) or (download is not False and download is not True):
             key, value = ("up", upload) if upload is not False and upload is not True else ("down", download)
             raise ProtocolError(f"CALL meta {key!r} must be true or false, got {value!r}")
+        if upload and self._takes_upload is not None and not self._takes_upload(method):
+            # Refused before any credit is used: its DATA is dropped as it arrives, instead
+            # of waiting unread (up to a window per call) until the call ends.
+            return self._refuse(call_id, errors.InvalidArgument(
+                f"{method} takes no upload: call it without meta.up"
+            ))
         call = self._new_served(call_id, method, args, timeout, upload, download)
         call.send_window = SendWindow(self.peer.window) if download else None
         call.recv_window = ReceiveWindow(self.window) if upload else None

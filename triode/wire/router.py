@@ -14,11 +14,19 @@ class Router:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._uploads: set[str] = set()
 
-    def add(self, name: str, handler: Handler) -> None:
+    def add(self, name: str, handler: Handler, *, upload: bool = False) -> None:
+        """Serve ``name`` with ``handler``; ``upload``: it reads an upload (a call to any
+        other method that says it will send one is refused, so no bytes wait unread)."""
         if name in self._handlers:
             raise ValueError(f"method {name!r} is registered twice")
         self._handlers[name] = handler
+        if upload:
+            self._uploads.add(name)
+
+    def takes_upload(self, name: str) -> bool:
+        return name in self._uploads
 
     def get(self, name: str) -> Handler | None:
         return self._handlers.get(name)
