@@ -60,7 +60,7 @@ async def bench_part(node):
         return total
 
     node.router.add("bench.download", download)
-    node.router.add("bench.upload", upload)
+    node.router.add("bench.upload", upload, upload=True)
     yield Part()
 
 triode.node.compose.PARTS = (*triode.node.compose.PARTS, bench_part)
