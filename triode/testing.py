@@ -20,7 +20,7 @@ import trio
 from .concurrency import only_cancelled
 from .procgroup import proc_stats
 
-__all__ = ["Snapshot", "snapshot", "no_leaks", "child_processes", "open_fds", "live_tasks"]
+__all__ = ["Snapshot", "snapshot", "no_leaks", "child_processes", "open_fds", "live_tasks", "procs_with"]
 
 
 def live_tasks() -> set[trio.lowlevel.Task]:
@@ -60,6 +60,22 @@ def child_processes() -> dict[int, str]:
                 out[p.pid] = p.state
                 frontier.append(p.pid)
     return out
+
+
+def procs_with(text: str) -> list[int]:
+    """Live processes (zombies aside) whose command line has ``text``, wherever they are:
+    for what left our tree (a daemon reparented to init) and :func:`child_processes` misses."""
+    found = []
+    for p in proc_stats():
+        if p.state in ("Z", "X"):
+            continue
+        try:
+            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(p.pid)
+        except OSError:
+            continue
+    return found
 
 
 @dataclass

@@ -201,15 +201,12 @@ def oneshot(b: Bench) -> None:
         def sandboxed(name: str = name) -> list[float]:
             return one_shots(name, sandbox=sandbox.around)
 
-        def plain(name: str = name) -> list[float]:
-            return one_shots(name)
-
         b.compare_percentiles(
             f"{name} one-shot call {{p}}, in the node's sandbox",
             "ms",
             samples=calls,
             subject=sandboxed,
-            baseline=(f"the same without a sandbox, {{p}} of {calls}", plain),
+            baseline=(f"the same without a sandbox, {{p}} of {calls}", subject),
             percentiles=(50,),
             better="lower",
             note="what a node's tool workers pay to start (bwrap, a PID namespace); warm calls pay nothing",

@@ -31,8 +31,8 @@ import triode
 from triode.engine.sandbox import find_bwrap
 from triode.model.action import Action, Input
 from triode.model.digest import Digest
-from triode.procgroup import open_process_group, proc_stats
-from triode.testing import no_leaks
+from triode.procgroup import open_process_group
+from triode.testing import no_leaks, procs_with
 
 pytestmark = pytest.mark.skipif(find_bwrap() is None, reason="bubblewrap is not installed")
 
@@ -121,21 +121,6 @@ def sh(script: str, **fields: object) -> Action:
 def marker() -> str:
     """Seconds to sleep (about 1000) that no other sleeper has in its command line."""
     return f"1000.{secrets.randbelow(10**9):09d}"
-
-
-def procs_with(text: str) -> list[int]:
-    """Live processes (zombies aside) whose command line has ``text``."""
-    found = []
-    for p in proc_stats():
-        if p.state in ("Z", "X"):
-            continue
-        try:
-            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(p.pid)
-        except OSError:
-            continue
-    return found
 
 
 def stored_path(data: Path, digest: Digest) -> Path:

@@ -12,28 +12,12 @@ import trio
 import triode
 from triode.engine.sandbox import find_bwrap, probe
 from triode.errors import ProcessExit
-from triode.procgroup import proc_stats
-from triode.testing import no_leaks
+from triode.testing import no_leaks, procs_with
 from triode.tools import open_tool_pool
 
 pytestmark = pytest.mark.skipif(find_bwrap() is None, reason="bubblewrap is not installed")
 
 TOOLS = Path(__file__).with_name("fixtures") / "sandbox.mjs"
-
-
-def sleepers(seconds: str) -> list[int]:
-    """Live `sleep SECONDS` processes."""
-    found = []
-    for p in proc_stats():
-        if p.state in ("Z", "X"):
-            continue
-        try:
-            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-                if f.read() == f"sleep\0{seconds}\0".encode():
-                    found.append(p.pid)
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.parametrize("isolation", ["auto", "none"])
@@ -61,11 +45,11 @@ async def test_what_a_tool_starts_ends_with_its_worker(runtime: str, tmp_path: P
             async with triode.connect(node.address) as client:
                 assert await client.tools.call(TOOLS, "daemon", {"seconds": seconds}, runtime=runtime)
                 with trio.fail_after(10):
-                    while not sleepers(seconds):  # noqa: ASYNC110 - polling, bounded
+                    while not procs_with(seconds):  # noqa: ASYNC110 - polling, bounded
                         await trio.sleep(0.02)
         # The node is closed: its workers stopped, and the namespace each ran in went with it,
         # the daemon (a session of its own, holding none of the worker's pipes) included.
-        assert sleepers(seconds) == []
+        assert procs_with(seconds) == []
 
 
 async def test_a_worker_killed_by_a_signal_says_so(runtime: str, tmp_path: Path) -> None:
