@@ -46,7 +46,8 @@ log = logging.getLogger("triode.engine")
 
 
 def _wait_gone(groups: list[int], timeout: float = 2.0) -> None:
-    """Wait (a little, at start-up) for SIGKILLed groups to be gone before their dirs go."""
+    """Wait (a little; a node opens its work dirs in a worker thread) for SIGKILLed groups
+    to be gone before their dirs go."""
     deadline = time.monotonic() + timeout
     while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
         time.sleep(0.01)

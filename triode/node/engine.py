@@ -67,8 +67,10 @@ async def open_engine(node: Node, config: EngineConfig | None = None) -> AsyncIt
     base_cm = temporary_base() if data is None else nullcontext(data / "work")
     with base_cm as base:
         workdirs = WorkDirs(base, node.id)
-        workdirs.open()
         try:
+            # In a thread: it may remove a dead node's dirs, and stop and wait out what that
+            # node left running in them.
+            await trio.to_thread.run_sync(workdirs.open)
             executor = Executor(cas, ac, workdirs, node_id=node.id, config=config)
             sandbox = await executor.prepare()
             if sandbox.isolated or config.isolation == "none":
